@@ -1,0 +1,230 @@
+"""Per-token TIP statistics: student entropy, reverse KL and forward KL, from one chunked no-grad pass.
+
+The two TIP axes (entropy and divergence, `TIP_SPEC.md`) and the forward KL used by the Q3 score all follow from the
+same online-logsumexp folds that TRL's `ChunkedDivergenceFunction` runs in its forward: the student and teacher
+normalizers, the student's `E_s[z_s]`, and the two cross terms `E_s[z_t - z_s]` and `E_t[z_t - z_s]`. TRL's function
+returns only one divergence, so this module drives TRL's own tile projection and fold (`_project`, `_stats_tile` on
+CPU, the Triton `_stats_kernel` on CUDA) and reads all three statistics from the same accumulators.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+from trl.kernels.chunked_divergence import (
+    TOKEN_CHUNK_SIZE,
+    VOCAB_CHUNK_SIZE,
+    _compute_dtype,
+    _project,
+    _stats_kernel,
+    _stats_tile,
+)
+from trl.kernels.chunked_logprob import _BLOCK_SIZE, _use_triton
+from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+from ._checks import check_finite, check_projection_inputs, check_temperature
+
+
+@dataclass
+class TokenStats:
+    """
+    Per-token statistics of a micro-batch of completions, all of shape `(B, C)` and zero where `mask` is `False`.
+
+    Args:
+        entropy (`torch.Tensor`):
+            Student entropy `H(P_S)` in nats (float32).
+        reverse_kl (`torch.Tensor`):
+            `KL(P_S || P_T)` in nats, the TIP divergence axis (float32).
+        forward_kl (`torch.Tensor`):
+            `KL(P_T || P_S)` in nats, used by the Q3 overconfidence score (float32).
+        mask (`torch.Tensor`):
+            Boolean mask of the valid completion tokens (not padding, not tool output).
+    """
+
+    entropy: torch.Tensor
+    reverse_kl: torch.Tensor
+    forward_kl: torch.Tensor
+    mask: torch.Tensor
+
+    def __post_init__(self):
+        shape = tuple(self.mask.shape)
+        if len(shape) != 2:
+            raise ValueError(f"`mask` must have shape (B, C); got {shape}.")
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if tuple(value.shape) != shape:
+                raise ValueError(f"`{field.name}` must have shape {shape} like `mask`; got {tuple(value.shape)}.")
+        if self.mask.dtype != torch.bool:
+            self.mask = self.mask != 0
+
+    @property
+    def num_valid(self) -> int:
+        return int(self.mask.sum())
+
+    def to(self, device) -> TokenStats:
+        return TokenStats(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def materialize_lm_head(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+    """Turns an FSDP2 `DTensor` head into a plain tensor once, as TRL's `_chunked_divergence_loss` does, so the tile
+    loop does not re-gather it per chunk. Plain tensors pass through."""
+    if isinstance(weight, torch.distributed.tensor.DTensor):
+        weight = weight.full_tensor().to(dtype)
+        if bias is not None:
+            bias = bias.full_tensor()
+    return weight, bias
+
+
+@torch.no_grad()
+def compute_token_stats(
+    student_hidden_states: torch.Tensor,
+    teacher_hidden_states: torch.Tensor,
+    student_lm_head_weight: torch.Tensor,
+    teacher_lm_head_weight: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    student_lm_head_bias: torch.Tensor | None = None,
+    teacher_lm_head_bias: torch.Tensor | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_final_logit_softcapping: float | None = None,
+    teacher_final_logit_softcapping: float | None = None,
+    token_chunk_size: int = TOKEN_CHUNK_SIZE,
+    vocab_chunk_size: int = VOCAB_CHUNK_SIZE,
+) -> TokenStats:
+    """
+    Computes student entropy, `KL(S || T)` and `KL(T || S)` for every valid completion token without building logits.
+
+    Only the valid positions are projected, on `[token_chunk_size, vocab_chunk_size]` fp32 tiles, so peak memory is
+    two such tiles plus `O(N)` accumulators whatever the sequence length and vocabulary. No gradient is recorded.
+
+    Args:
+        student_hidden_states (`torch.Tensor`):
+            Student backbone output `(B, C, H_s)`, aligned to the completion tokens (before the `lm_head`).
+        teacher_hidden_states (`torch.Tensor`):
+            Teacher backbone output `(B, C, H_t)`, aligned to the same tokens.
+        student_lm_head_weight (`torch.Tensor`):
+            Student `lm_head` weight `(V, H_s)`.
+        teacher_lm_head_weight (`torch.Tensor`):
+            Teacher `lm_head` weight `(V, H_t)`.
+        mask (`torch.Tensor`):
+            `(B, C)` mask; non-zero marks a valid completion token.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Softmax temperature applied to both models' logits after scale and softcapping, as in TRL.
+        student_lm_head_bias, teacher_lm_head_bias (`torch.Tensor`, *optional*):
+            `(V,)` head biases.
+        student_logit_scale, teacher_logit_scale (`float`, *optional*, defaults to `1.0`):
+            Multipliers on the logits before softcapping (as TRL reads them from the model config).
+        student_final_logit_softcapping, teacher_final_logit_softcapping (`float`, *optional*):
+            Gemma-style `softcap * tanh(logits / softcap)`.
+        token_chunk_size, vocab_chunk_size (`int`, *optional*):
+            Tile shape; defaults are TRL's, so the pass peaks no higher than TRL's chunked loss.
+
+    Returns:
+        [`TokenStats`]: `(B, C)` float32 statistics, zero at invalid positions.
+    """
+    check_projection_inputs(
+        student_hidden_states,
+        teacher_hidden_states,
+        student_lm_head_weight,
+        teacher_lm_head_weight,
+        mask,
+        "mask",
+        student_lm_head_bias,
+        teacher_lm_head_bias,
+    )
+    temperature = check_temperature(temperature)
+    if token_chunk_size < 1 or vocab_chunk_size < 1:
+        raise ValueError(
+            f"`token_chunk_size` and `vocab_chunk_size` must be positive; got {token_chunk_size}, {vocab_chunk_size}."
+        )
+    device = student_hidden_states.device
+    valid = mask != 0
+    flat_valid = valid.reshape(-1)
+    h_s = student_hidden_states.detach().reshape(-1, student_hidden_states.size(-1))[flat_valid]
+    h_t = teacher_hidden_states.detach().reshape(-1, teacher_hidden_states.size(-1))[flat_valid]
+    check_finite("student_hidden_states", h_s)
+    check_finite("teacher_hidden_states", h_t)
+    s_dtype, t_dtype = _compute_dtype(student_hidden_states), _compute_dtype(teacher_hidden_states)
+    student_lm_head_weight, student_lm_head_bias = materialize_lm_head(
+        student_lm_head_weight, student_lm_head_bias, s_dtype
+    )
+    teacher_lm_head_weight, teacher_lm_head_bias = materialize_lm_head(
+        teacher_lm_head_weight, teacher_lm_head_bias, t_dtype
+    )
+
+    n_tokens = h_s.shape[0]
+    kernel_args = {
+        "s_scale": student_logit_scale,
+        "s_softcap": student_final_logit_softcapping or 1.0,
+        "t_scale": teacher_logit_scale,
+        "t_softcap": teacher_final_logit_softcapping or 1.0,
+        "inv_t": 1 / temperature,
+        "S_HAS_SOFTCAP": student_final_logit_softcapping is not None,
+        "T_HAS_SOFTCAP": teacher_final_logit_softcapping is not None,
+    }
+
+    def zeros():
+        return torch.zeros((n_tokens,), device=device, dtype=torch.float32)
+
+    s_max, t_max = zeros() - math.inf, zeros() - math.inf
+    s_sum, s_x_sum, t_sum, t_weighted_gap, s_weighted_gap = zeros(), zeros(), zeros(), zeros(), zeros()
+    rows = min(n_tokens, token_chunk_size)
+    # ZeRO-3 gathers the heads even on a rank with no valid token, so every rank joins the collective.
+    with (
+        maybe_gather_lm_head_ctx(student_lm_head_weight, student_lm_head_bias),
+        maybe_gather_lm_head_ctx(teacher_lm_head_weight, teacher_lm_head_bias),
+    ):
+        vocab = student_lm_head_weight.shape[0]
+        if teacher_lm_head_weight.shape[0] != vocab:
+            raise ValueError(
+                f"The student and teacher heads must share one vocabulary: {vocab} vs "
+                f"{teacher_lm_head_weight.shape[0]} rows."
+            )
+        vocab_cols = min(vocab, vocab_chunk_size)
+        s_buf = torch.empty((rows, vocab_cols), device=device, dtype=torch.float32)
+        t_buf = torch.empty((rows, vocab_cols), device=device, dtype=torch.float32)
+        for token_start in range(0, n_tokens, token_chunk_size):
+            token_end = min(token_start + token_chunk_size, n_tokens)
+            n = token_end - token_start
+            sl = slice(token_start, token_end)
+            chunk_s, chunk_t = h_s[sl].to(s_dtype), h_t[sl].to(t_dtype)
+            for start in range(0, vocab, vocab_chunk_size):
+                end = min(start + vocab_chunk_size, vocab)
+                s_tile, t_tile = s_buf[:n, : end - start], t_buf[:n, : end - start]
+                _project(s_tile, chunk_s, student_lm_head_weight, student_lm_head_bias, start, end, s_dtype)
+                _project(t_tile, chunk_t, teacher_lm_head_weight, teacher_lm_head_bias, start, end, t_dtype)
+                fold = _stats_kernel[(n,)] if _use_triton(device) else _stats_tile
+                fold(
+                    s_tile,
+                    s_tile.stride(0),
+                    t_tile,
+                    t_tile.stride(0),
+                    s_max[sl],
+                    s_sum[sl],
+                    s_x_sum[sl],
+                    t_max[sl],
+                    t_sum[sl],
+                    t_weighted_gap[sl],
+                    s_weighted_gap[sl],
+                    end - start,
+                    BLOCK_SIZE=_BLOCK_SIZE,
+                    **kernel_args,
+                )
+
+    s_log_z = s_max + torch.log(s_sum)
+    t_log_z = t_max + torch.log(t_sum)
+    # Rounding can leave a divergence a hair below zero; the log-divergence axis needs them non-negative.
+    entropy = (s_log_z - s_x_sum / s_sum).clamp_(min=0.0)
+    reverse_kl = (s_weighted_gap / s_sum - s_log_z + t_log_z).clamp_(min=0.0)
+    forward_kl = (t_weighted_gap / t_sum - t_log_z + s_log_z).clamp_(min=0.0)
+
+    def scatter(values: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(valid.shape, device=device, dtype=torch.float32)
+        out[valid] = values
+        return out
+
+    return TokenStats(entropy=scatter(entropy), reverse_kl=scatter(reverse_kl), forward_kl=scatter(forward_kl), mask=valid)
