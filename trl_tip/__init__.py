@@ -4,6 +4,8 @@ from .loss import masked_gjsd_loss
 from .quadrants import QUADRANT_NAMES, HistogramSpec, QuadrantCounts, QuadrantTracker, classify_quadrants
 from .selectors import SELECTORS, Selection, TokenSelector, build_selector, resolve_selection
 from .stats import TokenStats, compute_token_stats
+from .config import TIPConfig
+from .trainer import TIPGKDTrainer
 
 
 __version__ = "0.1.0"
@@ -16,6 +18,8 @@ __all__ = [
     "QuadrantTracker",
     "Selection",
     "TokenSelector",
+    "TIPConfig",
+    "TIPGKDTrainer",
     "TokenStats",
     "build_selector",
     "classify_quadrants",

@@ -1,0 +1,179 @@
+"""`TIPConfig`: TRL's `DistillationConfig` plus the token-importance fields of TIP."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import DistillationConfig
+
+from ._checks import check_choice, check_quantile, check_ratio
+from .loss import LOSS_NORMALIZATIONS
+from .quadrants import check_threshold
+from .selectors import SELECTION_SCOPES, SELECTORS, build_selector
+
+
+@dataclass
+class TIPConfig(DistillationConfig):
+    r"""
+    Configuration for [`TIPGKDTrainer`]: every field of [`~trl.DistillationConfig`], plus which completion tokens
+    enter the loss (TIP's token selectors) and how their statistics are recorded.
+
+    Defaults follow the TIP paper: reverse KL (`beta=1.0`), temperature 1.0, the `soft_or` selector keeping 50% of each
+    rollout's tokens, normalized by the number of selected tokens.
+
+    Parameters:
+        token_selector (`str`, *optional*, defaults to `"soft_or"`):
+            Selector name, one of `all`, `random`, `entropy_topk`, `entropy_sampling`, `divergence_topk`, `soft_or`,
+            `soft_or_bottom`, `q3`, `quadrant`.
+        token_selector_kwargs (`dict` or `str`, *optional*):
+            Extra constructor arguments of the selector (a dict, or its JSON string on the command line), e.g.
+            `{"quadrants": ["Q1", "Q3"]}` for `quadrant`.
+        selection_ratio (`float`, *optional*, defaults to `0.5`):
+            Retention ratio rho in (0, 1] of the ratio selectors: a rollout with m valid tokens keeps floor(rho m).
+        selection_scope (`str`, *optional*, defaults to `"sequence"`):
+            `"sequence"` ranks within each rollout; `"batch"` pools the micro-batch.
+        loss_normalization (`str`, *optional*, defaults to `"selected"`):
+            `"selected"` divides the loss by the global number of selected tokens (the paper); `"all"` by all valid
+            tokens (plain OPD's gradient scale).
+        entropy_clip_quantile (`float`, *optional*, defaults to `0.98`):
+            Entropy is clipped at this quantile before min-max normalization in the `soft_or` and `q3` scores.
+        divergence_clip_quantile (`float`, *optional*, defaults to `0.98`):
+            The same for the divergence.
+        normalization_scope (`str`, *optional*, defaults to `"batch"`):
+            Whether the clip quantile and min/max are taken over the micro-batch or each rollout.
+        quadrant_thresholds (`str` or `list[float]`, *optional*, defaults to `"median"`):
+            Split of the quadrant statistics: `"median"` (per micro-batch) or `"H,D"`, fixed entropy and reverse-KL
+            thresholds in nats.
+        log_quadrant_stats_every (`int`, *optional*, defaults to `1`):
+            Record quadrant statistics (logged metrics and `tip_stats/` rows) every this many optimizer steps.
+        lmbda (`float`, *optional*, defaults to `1.0`):
+            GKD's on-policy fraction: each generation batch trains on fresh student rollouts with this probability,
+            otherwise on the dataset's own completions (prompt/completion datasets).
+        selection_seed (`int`, *optional*):
+            Seed of the selection generator (random, sampling and tie-breaking); defaults to `seed`.
+    """
+
+    token_selector: str = field(
+        default="soft_or",
+        metadata={"help": "Token selector name.", "choices": list(SELECTORS)},
+    )
+    token_selector_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Extra selector arguments as a dict or a JSON string, e.g. '{\"quadrants\": [\"Q1\", \"Q3\"]}'."},
+    )
+    selection_ratio: float = field(
+        default=0.5,
+        metadata={"help": "Retention ratio rho in (0, 1]: a rollout with m valid tokens keeps floor(rho * m) of them."},
+    )
+    selection_scope: str = field(
+        default="sequence",
+        metadata={"help": "Top-k scope: per rollout or pooled over the micro-batch.", "choices": list(SELECTION_SCOPES)},
+    )
+    loss_normalization: str = field(
+        default="selected",
+        metadata={
+            "help": "Divide the loss by the global number of selected tokens (paper) or of all valid tokens.",
+            "choices": list(LOSS_NORMALIZATIONS),
+        },
+    )
+    entropy_clip_quantile: float | None = field(
+        default=0.98,
+        metadata={"help": "Entropy clip quantile before min-max normalization (soft_or, q3); None disables."},
+    )
+    divergence_clip_quantile: float | None = field(
+        default=0.98,
+        metadata={"help": "Divergence clip quantile before min-max normalization (soft_or); None disables."},
+    )
+    normalization_scope: str = field(
+        default="batch",
+        metadata={"help": "Scope of the score normalization.", "choices": list(SELECTION_SCOPES)},
+    )
+    quadrant_thresholds: str = field(
+        default="median",
+        metadata={"help": "Quadrant split: 'median' (per micro-batch) or 'H,D' fixed entropy/divergence nats."},
+    )
+    log_quadrant_stats_every: int = field(
+        default=1,
+        metadata={"help": "Record quadrant statistics every this many optimizer steps."},
+    )
+    lmbda: float = field(
+        default=1.0,
+        metadata={
+            "help": "Probability that a generation batch is on-policy (student rollouts); otherwise the dataset's "
+            "completions are used (needs a prompt/completion dataset)."
+        },
+    )
+    selection_seed: int | None = field(
+        default=None,
+        metadata={"help": "Seed of the token-selection generator; defaults to `seed`."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("token_selector", self.token_selector, SELECTORS)
+        if isinstance(self.token_selector_kwargs, str):
+            try:
+                self.token_selector_kwargs = json.loads(self.token_selector_kwargs)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"`token_selector_kwargs` must be a JSON object; got {self.token_selector_kwargs!r}.") from error
+        if self.token_selector_kwargs is not None and not isinstance(self.token_selector_kwargs, dict):
+            raise ValueError(f"`token_selector_kwargs` must be a dict; got {type(self.token_selector_kwargs).__name__}.")
+        self.selection_ratio = check_ratio("selection_ratio", self.selection_ratio)
+        check_choice("selection_scope", self.selection_scope, SELECTION_SCOPES)
+        check_choice("loss_normalization", self.loss_normalization, LOSS_NORMALIZATIONS)
+        check_choice("normalization_scope", self.normalization_scope, SELECTION_SCOPES)
+        self.entropy_clip_quantile = check_quantile("entropy_clip_quantile", self.entropy_clip_quantile)
+        self.divergence_clip_quantile = check_quantile("divergence_clip_quantile", self.divergence_clip_quantile)
+        self.quadrant_thresholds = _parse_thresholds(self.quadrant_thresholds)
+        if not isinstance(self.log_quadrant_stats_every, int) or self.log_quadrant_stats_every < 1:
+            raise ValueError(f"`log_quadrant_stats_every` must be a positive integer; got {self.log_quadrant_stats_every!r}.")
+        if isinstance(self.lmbda, bool) or not isinstance(self.lmbda, (int, float)) or not 0.0 <= self.lmbda <= 1.0:
+            raise ValueError(f"`lmbda` must be a number in [0, 1]; got {self.lmbda!r}.")
+        # Build once so a bad selector argument fails at configuration time, naming the field.
+        self.build_selector()
+
+    @property
+    def quadrant_threshold_values(self) -> tuple[float | str, float | str]:
+        """(entropy, divergence) thresholds: numbers in nats, or `"median"`."""
+        if self.quadrant_thresholds == "median":
+            return "median", "median"
+        entropy, divergence = (float(v) for v in self.quadrant_thresholds.split(","))
+        return entropy, divergence
+
+    def build_selector(self):
+        """The selector this configuration names, with its ratio, scope and normalization settings."""
+        kwargs = dict(self.token_selector_kwargs or {})
+        if self.token_selector not in ("all", "quadrant"):
+            kwargs.setdefault("ratio", self.selection_ratio)
+            kwargs.setdefault("clip_quantile", self.entropy_clip_quantile)
+            kwargs.setdefault("divergence_clip_quantile", self.divergence_clip_quantile)
+            kwargs.setdefault("normalization_scope", self.normalization_scope)
+        if self.token_selector != "all":
+            kwargs.setdefault("scope", self.selection_scope)
+        if self.token_selector == "quadrant" and self.quadrant_thresholds != "median":
+            entropy, divergence = self.quadrant_threshold_values
+            kwargs.setdefault("entropy_threshold", entropy)
+            kwargs.setdefault("divergence_threshold", divergence)
+        return build_selector(self.token_selector, **kwargs)
+
+
+def _parse_thresholds(value) -> str:
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    if value == "median":
+        return value
+    message = f"`quadrant_thresholds` must be 'median' or 'H,D' (two non-negative numbers of nats); got {value!r}."
+    try:
+        parts = [float(v) for v in str(value).split(",")]
+    except ValueError as error:
+        raise ValueError(message) from error
+    if len(parts) != 2:
+        raise ValueError(message)
+    for name, part in zip(("entropy", "divergence"), parts):
+        try:
+            check_threshold(f"quadrant_thresholds ({name})", part)
+        except ValueError as error:
+            raise ValueError(message) from error
+    return f"{parts[0]},{parts[1]}"
