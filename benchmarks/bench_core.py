@@ -65,7 +65,7 @@ def run_case(case, x, beta):
         ratio = int(case.split("@")[1].rstrip("%")) / 100
         selector = build_selector("all") if ratio == 1.0 else build_selector("soft_or", ratio=ratio)
         keep = resolve_selection(selector, stats, torch.Generator().manual_seed(0)).mask
-        loss = masked_gjsd_loss(x["h_s"], x["h_t"], x["w_s"], x["w_t"], keep, beta=beta)[0]
+        loss = masked_gjsd_loss(x["h_s"], x["h_t"], x["w_s"], x["w_t"], keep, beta=beta, stats=stats)[0]
     loss.backward()
 
 

@@ -6,7 +6,7 @@ from reference import ragged_mask, reference_gjsd, reference_logits
 from trl.experimental.gkd import GKDTrainer
 from trl.trainer.distillation_trainer import _chunked_divergence_loss
 
-from trl_tip import masked_gjsd_loss
+from trl_tip import compute_token_stats, masked_gjsd_loss
 
 
 B, C, H_S, H_T, V = 3, 6, 16, 20, 41
@@ -44,13 +44,21 @@ VALID = ragged_mask([6, 4, 0], C)
 @pytest.mark.parametrize("beta", BETAS)
 @pytest.mark.parametrize("temperature", [0.7, 1.0, 2.0])
 @pytest.mark.parametrize("bias", [False, True])
-def test_loss_and_gradients_match_float64_reference(beta, temperature, bias, small_tiles):
+@pytest.mark.parametrize("reuse_stats", [False, True], ids=["own-forward", "stats-reused"])
+def test_loss_and_gradients_match_float64_reference(beta, temperature, bias, reuse_stats, small_tiles):
+    """Also when the statistics pass's divergences and normalizers stand in for the loss's own forward (beta 0/1)."""
     x = make_inputs(bias=bias)
     h_s, w_s, b_s = leaf(x["h_s"]), leaf(x["w_s"]), leaf(x["b_s"])
     weights = torch.rand(B, C) + 0.5
+    stats = None
+    if reuse_stats:
+        stats = compute_token_stats(
+            h_s, x["h_t"], w_s, x["w_t"], VALID, temperature=temperature, student_lm_head_bias=b_s,
+            teacher_lm_head_bias=x["b_t"], **small_tiles,
+        )
     loss, divergence_sum, num_selected = masked_gjsd_loss(
         h_s, x["h_t"], w_s, x["w_t"], SELECTED, beta=beta, temperature=temperature, token_weights=weights,
-        student_lm_head_bias=b_s, teacher_lm_head_bias=x["b_t"],
+        student_lm_head_bias=b_s, teacher_lm_head_bias=x["b_t"], stats=stats,
     )
     loss.backward()
 
@@ -188,3 +196,30 @@ def test_vocab_mismatch_is_rejected():
     x = make_inputs()
     with pytest.raises(ValueError, match="share one vocabulary.*41 rows.*40"):
         masked_gjsd_loss(x["h_s"], x["h_t"], x["w_s"], x["w_t"][:-1], SELECTED)
+
+
+def test_reused_stats_must_match_the_loss_projection():
+    x = make_inputs()
+    stats = compute_token_stats(x["h_s"], x["h_t"], x["w_s"], x["w_t"], VALID, temperature=2.0)
+    with pytest.raises(ValueError, match="recompute them with the same temperature"):
+        masked_gjsd_loss(x["h_s"], x["h_t"], x["w_s"], x["w_t"], SELECTED, temperature=1.0, stats=stats)
+    narrow = compute_token_stats(x["h_s"], x["h_t"], x["w_s"], x["w_t"], ragged_mask([1, 1, 0], C))
+    with pytest.raises(ValueError, match="`stats.mask` marks invalid"):
+        masked_gjsd_loss(x["h_s"], x["h_t"], x["w_s"], x["w_t"], SELECTED, stats=narrow)
+
+
+def test_reusing_stats_skips_the_forward_projection(monkeypatch):
+    """With stats given, the loss projects tiles only in the backward, and only the kept tokens."""
+    import trl.kernels.chunked_divergence as kernel
+
+    rows = []
+    original = kernel._project
+    monkeypatch.setattr(kernel, "_project", lambda tile, h, *a: rows.append(h.shape[0]) or original(tile, h, *a))
+    x = make_inputs()
+    h_s = leaf(x["h_s"])
+    stats = compute_token_stats(h_s, x["h_t"], x["w_s"], x["w_t"], VALID)
+    rows.clear()
+    loss, _, _ = masked_gjsd_loss(h_s, x["h_t"], x["w_s"], x["w_t"], SELECTED, stats=stats)
+    assert rows == []
+    loss.backward()
+    assert rows == [int(SELECTED.sum())] * 2  # student and teacher tile, one vocabulary chunk

@@ -6,10 +6,59 @@ import torch
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 
 from ._checks import check_beta, check_choice, check_finite, check_projection_inputs, check_temperature
-from .stats import _compute_dtype, materialize_lm_head
+from .stats import TokenStats, _compute_dtype, kernel_arguments, materialize_lm_head
 
 
 LOSS_NORMALIZATIONS = ("selected", "all")
+
+
+class DivergenceFromStats(torch.autograd.Function):
+    """
+    Per-token KL whose value and log-normalizers the statistics pass already holds: the forward projects nothing and
+    the backward is TRL's `ChunkedDivergenceFunction.backward`, fed the same saved tensors its own forward would save.
+
+    For `beta` in {0, 1} this saves the loss's whole forward projection, so the statistics pass plus the loss costs
+    one full projection plus the backward over the kept tokens only.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        student_hidden,
+        student_weight,
+        student_bias,
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        divergence,
+        student_log_z,
+        teacher_log_z,
+        beta,
+        kernel_args,
+        dtypes,
+    ):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(
+            student_hidden,
+            student_weight,
+            student_bias,
+            teacher_hidden,
+            teacher_weight,
+            teacher_bias,
+            student_log_z,
+            teacher_log_z,
+            divergence,
+        )
+        ctx.dtypes = dtypes
+        ctx.beta = beta
+        ctx.mode = 0 if beta == 0.0 else 1
+        ctx.kernel_args = kernel_args
+        return divergence.clone()
+
+    @staticmethod
+    def backward(ctx, grad_divergence):
+        grads = ChunkedDivergenceFunction.backward(ctx, grad_divergence, None)
+        return (*grads[:3], *(None,) * 9)
 
 
 def masked_gjsd_loss(
@@ -31,6 +80,7 @@ def masked_gjsd_loss(
     teacher_logit_scale: float = 1.0,
     student_final_logit_softcapping: float | None = None,
     teacher_final_logit_softcapping: float | None = None,
+    stats: TokenStats | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
     Generalized JSD between student and teacher over the selected completion tokens only.
@@ -72,6 +122,10 @@ def masked_gjsd_loss(
             Logit multipliers, as TRL reads them from the model config.
         student_final_logit_softcapping, teacher_final_logit_softcapping (`float`, *optional*):
             Gemma-style logit softcapping.
+        stats ([`~trl_tip.TokenStats`], *optional*):
+            The output of [`~trl_tip.compute_token_stats`] on these same inputs, temperature and transforms. For
+            `beta` 0 or 1 its divergences and log-normalizers are reused, so only the backward projects the kept
+            tokens; otherwise it is ignored.
 
     Returns:
         `tuple[torch.Tensor, torch.Tensor, torch.Tensor]`: the scalar loss, the detached sum of the selected tokens'
@@ -125,22 +179,49 @@ def masked_gjsd_loss(
     teacher_lm_head_weight, teacher_lm_head_bias = materialize_lm_head(
         teacher_lm_head_weight, teacher_lm_head_bias, _compute_dtype(teacher_hidden_states)
     )
-    # Called even with nothing selected: under ZeRO-3 the function gathers the heads, a collective every rank joins,
-    # and an empty input still yields a zero loss connected to the student's graph.
-    per_token_divergence, _ = ChunkedDivergenceFunction.apply(
-        h_s,
-        student_lm_head_weight,
-        student_lm_head_bias,
-        h_t,
-        teacher_lm_head_weight.detach(),
-        None if teacher_lm_head_bias is None else teacher_lm_head_bias.detach(),
-        beta,
+    teacher_lm_head_weight = teacher_lm_head_weight.detach()
+    teacher_lm_head_bias = None if teacher_lm_head_bias is None else teacher_lm_head_bias.detach()
+    kernel_args = kernel_arguments(
         temperature,
         student_logit_scale,
-        student_final_logit_softcapping,
         teacher_logit_scale,
+        student_final_logit_softcapping,
         teacher_final_logit_softcapping,
     )
+    # Called even with nothing selected: under ZeRO-3 the functions gather the heads, a collective every rank joins,
+    # and an empty input still yields a zero loss connected to the student's graph.
+    if stats is not None and beta in (0.0, 1.0):
+        _check_reusable(stats, selected_mask, selected, temperature, kernel_args)
+        divergence = stats.reverse_kl if beta == 1.0 else stats.forward_kl
+        per_token_divergence = DivergenceFromStats.apply(
+            h_s,
+            student_lm_head_weight,
+            student_lm_head_bias,
+            h_t,
+            teacher_lm_head_weight,
+            teacher_lm_head_bias,
+            divergence.reshape(-1)[selected].detach(),
+            stats.student_log_z.reshape(-1)[selected].detach(),
+            stats.teacher_log_z.reshape(-1)[selected].detach(),
+            beta,
+            kernel_args,
+            (_compute_dtype(student_hidden_states), _compute_dtype(teacher_hidden_states)),
+        )
+    else:
+        per_token_divergence, _ = ChunkedDivergenceFunction.apply(
+            h_s,
+            student_lm_head_weight,
+            student_lm_head_bias,
+            h_t,
+            teacher_lm_head_weight,
+            teacher_lm_head_bias,
+            beta,
+            temperature,
+            student_logit_scale,
+            student_final_logit_softcapping,
+            teacher_logit_scale,
+            teacher_final_logit_softcapping,
+        )
     if weights is not None:
         per_token_divergence = per_token_divergence * weights
     loss_sum = per_token_divergence.sum()
@@ -155,3 +236,18 @@ def masked_gjsd_loss(
         # Clamped so an all-masked micro-batch reduces to a finite zero rather than 0 / 0.
         loss = loss_sum / denominator.clamp(min=1)
     return loss, loss_sum.detach(), num_selected
+
+
+def _check_reusable(stats, selected_mask, selected, temperature, kernel_args) -> None:
+    if tuple(stats.mask.shape) != tuple(selected_mask.shape):
+        raise ValueError(f"`stats` covers shape {tuple(stats.mask.shape)} but `selected_mask` has {tuple(selected_mask.shape)}.")
+    if stats.student_log_z is None or stats.teacher_log_z is None or stats.projection is None:
+        raise ValueError("`stats` lacks log-normalizers; pass the output of `compute_token_stats` or leave `stats` unset.")
+    expected = {"temperature": temperature, **{k: v for k, v in kernel_args.items() if k != "inv_t"}}
+    if stats.projection != expected:
+        raise ValueError(
+            f"`stats` were computed with {stats.projection} but the loss uses {expected}; recompute them with the "
+            "same temperature and logit transforms."
+        )
+    if bool((selected & ~stats.mask.reshape(-1).to(selected.device)).any()):
+        raise ValueError("`selected_mask` selects tokens that `stats.mask` marks invalid (padding or tool output).")

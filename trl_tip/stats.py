@@ -10,7 +10,8 @@ CPU, the Triton `_stats_kernel` on CUDA) and reads all three statistics from the
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 from trl.kernels.chunked_divergence import (
@@ -41,30 +42,44 @@ class TokenStats:
             `KL(P_T || P_S)` in nats, used by the Q3 overconfidence score (float32).
         mask (`torch.Tensor`):
             Boolean mask of the valid completion tokens (not padding, not tool output).
+        student_log_z, teacher_log_z (`torch.Tensor`, *optional*):
+            Log-partition functions of the two models' tempered logits, set by [`compute_token_stats`] so that
+            [`~trl_tip.loss.masked_gjsd_loss`] can skip its own forward projection for the KL endpoints.
+        projection (`dict`, *optional*):
+            Temperature and logit transforms the statistics were computed with, checked when they are reused.
     """
 
     entropy: torch.Tensor
     reverse_kl: torch.Tensor
     forward_kl: torch.Tensor
     mask: torch.Tensor
+    student_log_z: torch.Tensor | None = field(default=None, repr=False)
+    teacher_log_z: torch.Tensor | None = field(default=None, repr=False)
+    projection: dict[str, Any] | None = field(default=None, repr=False)
 
     def __post_init__(self):
         shape = tuple(self.mask.shape)
         if len(shape) != 2:
             raise ValueError(f"`mask` must have shape (B, C); got {shape}.")
-        for field in fields(self):
-            value = getattr(self, field.name)
-            if tuple(value.shape) != shape:
-                raise ValueError(f"`{field.name}` must have shape {shape} like `mask`; got {tuple(value.shape)}.")
+        for name in self._tensor_fields():
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != shape:
+                raise ValueError(f"`{name}` must have shape {shape} like `mask`; got {tuple(value.shape)}.")
         if self.mask.dtype != torch.bool:
             self.mask = self.mask != 0
+
+    @classmethod
+    def _tensor_fields(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name != "projection"]
 
     @property
     def num_valid(self) -> int:
         return int(self.mask.sum())
 
     def to(self, device) -> TokenStats:
-        return TokenStats(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        moved = {name: getattr(self, name) for name in self._tensor_fields()}
+        moved = {name: None if value is None else value.to(device) for name, value in moved.items()}
+        return TokenStats(**moved, projection=self.projection)
 
 
 def materialize_lm_head(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
@@ -157,15 +172,13 @@ def compute_token_stats(
     )
 
     n_tokens = h_s.shape[0]
-    kernel_args = {
-        "s_scale": student_logit_scale,
-        "s_softcap": student_final_logit_softcapping or 1.0,
-        "t_scale": teacher_logit_scale,
-        "t_softcap": teacher_final_logit_softcapping or 1.0,
-        "inv_t": 1 / temperature,
-        "S_HAS_SOFTCAP": student_final_logit_softcapping is not None,
-        "T_HAS_SOFTCAP": teacher_final_logit_softcapping is not None,
-    }
+    kernel_args = kernel_arguments(
+        temperature,
+        student_logit_scale,
+        teacher_logit_scale,
+        student_final_logit_softcapping,
+        teacher_final_logit_softcapping,
+    )
 
     def zeros():
         return torch.zeros((n_tokens,), device=device, dtype=torch.float32)
@@ -227,4 +240,35 @@ def compute_token_stats(
         out[valid] = values
         return out
 
-    return TokenStats(entropy=scatter(entropy), reverse_kl=scatter(reverse_kl), forward_kl=scatter(forward_kl), mask=valid)
+    return TokenStats(
+        entropy=scatter(entropy),
+        reverse_kl=scatter(reverse_kl),
+        forward_kl=scatter(forward_kl),
+        mask=valid,
+        student_log_z=scatter(s_log_z),
+        teacher_log_z=scatter(t_log_z),
+        projection={"temperature": temperature, **_transform_args(kernel_args)},
+    )
+
+
+def _transform_args(kernel_args: dict) -> dict:
+    return {k: kernel_args[k] for k in ("s_scale", "s_softcap", "t_scale", "t_softcap", "S_HAS_SOFTCAP", "T_HAS_SOFTCAP")}
+
+
+def kernel_arguments(
+    temperature: float,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_final_logit_softcapping: float | None = None,
+    teacher_final_logit_softcapping: float | None = None,
+) -> dict:
+    """The logit-transform arguments of TRL's chunked-divergence tiles, as its `ChunkedDivergenceFunction` builds them."""
+    return {
+        "s_scale": student_logit_scale,
+        "s_softcap": student_final_logit_softcapping or 1.0,
+        "t_scale": teacher_logit_scale,
+        "t_softcap": teacher_final_logit_softcapping or 1.0,
+        "inv_t": 1 / temperature,
+        "S_HAS_SOFTCAP": student_final_logit_softcapping is not None,
+        "T_HAS_SOFTCAP": teacher_final_logit_softcapping is not None,
+    }

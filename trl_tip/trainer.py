@@ -226,6 +226,7 @@ class TIPGKDTrainer(DistillationTrainer):
             normalization=self.args.loss_normalization,
             valid_mask=stats.mask,
             num_items_in_batch=num_items_in_batch,
+            stats=stats,
             **head_kwargs,
         )
         self._last_selection = (stats, selection.mask)
