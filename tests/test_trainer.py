@@ -224,3 +224,12 @@ def test_selector_object_overrides_the_config(tokenizer, tmp_path):
     assert logs[0]["tip/selected_fraction"] == pytest.approx(1 / 8)
     rows = [json.loads(line) for line in open(tmp_path / "tip_stats" / "steps.jsonl")]
     assert rows[0]["num_selected"] == 2
+
+
+def test_several_rollouts_per_prompt(tokenizer, tmp_path):
+    trainer = make_trainer(tokenizer, tmp_path, num_rollouts_per_prompt=2, per_device_train_batch_size=4, max_steps=1)
+    trainer.train()
+    prompts = trainer._buffered_inputs[0]["prompt_ids"]
+    assert len({tuple(p.tolist()) for p in prompts}) == 2, "4 rollouts of 2 distinct prompts"
+    with pytest.raises(ValueError, match="must divide the generation batch"):
+        make_trainer(tokenizer, tmp_path, num_rollouts_per_prompt=3, per_device_train_batch_size=4)

@@ -51,6 +51,8 @@ class TIPConfig(DistillationConfig):
         lmbda (`float`, *optional*, defaults to `1.0`):
             GKD's on-policy fraction: each generation batch trains on fresh student rollouts with this probability,
             otherwise on the dataset's own completions (prompt/completion datasets).
+        num_rollouts_per_prompt (`int`, *optional*, defaults to `1`):
+            Rollouts sampled per prompt in each generation batch (the paper: 16).
         selection_seed (`int`, *optional*):
             Seed of the selection generator (random, sampling and tie-breaking); defaults to `seed`.
     """
@@ -105,6 +107,13 @@ class TIPConfig(DistillationConfig):
             "completions are used (needs a prompt/completion dataset)."
         },
     )
+    num_rollouts_per_prompt: int = field(
+        default=1,
+        metadata={
+            "help": "Rollouts sampled per prompt (the paper uses 16). The generation batch (per-device batch x "
+            "processes x accumulation steps) must be a multiple of it."
+        },
+    )
     selection_seed: int | None = field(
         default=None,
         metadata={"help": "Seed of the token-selection generator; defaults to `seed`."},
@@ -129,6 +138,8 @@ class TIPConfig(DistillationConfig):
         self.quadrant_thresholds = _parse_thresholds(self.quadrant_thresholds)
         if not isinstance(self.log_quadrant_stats_every, int) or self.log_quadrant_stats_every < 1:
             raise ValueError(f"`log_quadrant_stats_every` must be a positive integer; got {self.log_quadrant_stats_every!r}.")
+        if not isinstance(self.num_rollouts_per_prompt, int) or self.num_rollouts_per_prompt < 1:
+            raise ValueError(f"`num_rollouts_per_prompt` must be a positive integer; got {self.num_rollouts_per_prompt!r}.")
         if isinstance(self.lmbda, bool) or not isinstance(self.lmbda, (int, float)) or not 0.0 <= self.lmbda <= 1.0:
             raise ValueError(f"`lmbda` must be a number in [0, 1]; got {self.lmbda!r}.")
         # Build once so a bad selector argument fails at configuration time, naming the field.

@@ -13,6 +13,7 @@ from datasets import Dataset, IterableDataset
 from trl import DistillationTrainer
 from trl.data_utils import apply_chat_template, is_conversational
 from trl.trainer import distillation_trainer as trl_distillation
+from trl.trainer.utils import RepeatSampler
 
 from .config import TIPConfig
 from .loss import masked_gjsd_loss
@@ -115,6 +116,35 @@ class TIPGKDTrainer(DistillationTrainer):
         self._last_selection = None
         entropy_threshold, divergence_threshold = args.quadrant_threshold_values
         self.quadrant_tracker = QuadrantTracker(entropy_threshold, divergence_threshold)
+        rollouts = args.num_rollouts_per_prompt
+        if rollouts > 1:
+            if isinstance(train_dataset, IterableDataset):
+                raise ValueError("`num_rollouts_per_prompt` > 1 needs a map-style (non-streaming) train dataset.")
+            if self._generation_batch_size % rollouts:
+                raise ValueError(
+                    f"`num_rollouts_per_prompt`={rollouts} must divide the generation batch "
+                    f"(per_device_train_batch_size x processes x gradient_accumulation_steps = "
+                    f"{self._generation_batch_size})."
+                )
+
+    @property
+    def _generation_batch_size(self) -> int:
+        args = self.args
+        return args.per_device_train_batch_size * self.accelerator.num_processes * args.gradient_accumulation_steps
+
+    def _get_train_sampler(self, dataset=None):
+        rollouts = self.args.num_rollouts_per_prompt
+        if rollouts == 1:
+            return super()._get_train_sampler(dataset)
+        # TRL's sampler with each prompt repeated: the batch holds generation_batch / rollouts distinct prompts.
+        return RepeatSampler(
+            data_source=dataset if dataset is not None else self.train_dataset,
+            mini_repeat_count=rollouts,
+            batch_size=self._generation_batch_size // rollouts,
+            repeat_count=self.args.gradient_accumulation_steps,
+            shuffle=self.shuffle_dataset,
+            seed=self.args.seed,
+        )
 
     # ----------------------------------------------------------------------------------------------------------------
     # Rollouts: GKD's lmbda mixes on-policy student rollouts with the dataset's own completions.

@@ -1,0 +1,74 @@
+"""Pins the private pieces of trl 1.16 that trl_tip relies on, so an upstream change fails here, loudly, first."""
+
+import inspect
+
+import trl
+from packaging.version import Version
+from trl.kernels import chunked_divergence, chunked_logprob
+from trl.trainer import distillation_trainer
+from trl.trainer.distillation_trainer import DistillationTrainer
+
+
+def test_trl_version_is_the_pinned_minor():
+    assert Version("1.16") <= Version(trl.__version__) < Version("1.17")
+
+
+def test_chunked_divergence_loss_signature_and_call_site():
+    """TIPGKDTrainer swaps the module-level `_chunked_divergence_loss` while `_compute_loss` runs."""
+    params = list(inspect.signature(distillation_trainer._chunked_divergence_loss).parameters)
+    assert params == [
+        "student_hidden_states",
+        "teacher_hidden_states",
+        "student_lm_head_weight",
+        "teacher_lm_head_weight",
+        "completion_mask",
+        "beta",
+        "num_items_in_batch",
+        "student_lm_head_bias",
+        "teacher_lm_head_bias",
+        "student_logit_scale",
+        "teacher_logit_scale",
+        "student_final_logit_softcapping",
+        "teacher_final_logit_softcapping",
+        "temperature",
+    ]
+    source = inspect.getsource(DistillationTrainer._compute_loss)
+    assert "_chunked_divergence_loss(" in source
+    assert "return loss, entropy_sum.detach(), n_valid" in source
+
+
+def test_trainer_hooks_keep_their_signatures():
+    def params(fn):
+        return list(inspect.signature(fn).parameters)
+
+    assert params(DistillationTrainer.compute_loss) == ["self", "model", "inputs", "return_outputs", "num_items_in_batch"]
+    assert params(DistillationTrainer._generate_single_turn) == [
+        "self", "prompt_ids", "images", "multimodal_fields", "has_tool_images",
+    ]
+    assert params(DistillationTrainer._generate_and_score_completions) == ["self", "inputs"]
+    assert params(DistillationTrainer._save_rng_state) == ["self", "output_dir"]
+    assert params(DistillationTrainer._load_rng_state) == ["self", "checkpoint"]
+    assert "num_items_in_batch" in inspect.getsource(DistillationTrainer._generate_and_score_completions)
+    # compute_loss reads the per-batch normalizer from the inputs; TIP substitutes the selected-token count there.
+    assert 'inputs["num_items_in_batch"]' in inspect.getsource(DistillationTrainer.compute_loss)
+    # _generate routes every rollout through _generate_single_turn, where dataset completions stand in (lmbda < 1).
+    assert "self._generate_single_turn(" in inspect.getsource(DistillationTrainer._generate)
+
+
+def test_kernel_internals_used_by_the_statistics_pass():
+    for name in ("_project", "_stats_tile", "_stats_kernel", "_compute_dtype", "TOKEN_CHUNK_SIZE", "VOCAB_CHUNK_SIZE"):
+        assert hasattr(chunked_divergence, name), name
+    for name in ("_BLOCK_SIZE", "_use_triton"):
+        assert hasattr(chunked_logprob, name), name
+    assert list(inspect.signature(chunked_divergence._stats_tile).parameters) == [
+        "s_tile", "s_stride", "t_tile", "t_stride", "s_max", "s_sum", "s_x_sum", "t_max", "t_sum",
+        "t_weighted_gap", "s_weighted_gap", "n_cols", "s_scale", "s_softcap", "t_scale", "t_softcap", "inv_t",
+        "S_HAS_SOFTCAP", "T_HAS_SOFTCAP", "BLOCK_SIZE",
+    ]
+    assert list(inspect.signature(chunked_divergence._project).parameters) == [
+        "tile", "hidden_chunk", "weight", "bias", "start", "end", "dtype",
+    ]
+    backward = inspect.getsource(chunked_divergence.ChunkedDivergenceFunction.backward)
+    # DivergenceFromStats hands TRL's backward a context with exactly these attributes.
+    for attribute in ("ctx.saved_tensors", "ctx.dtypes", "ctx.needs_input_grad", "ctx.beta", "ctx.mode", "ctx.kernel_args"):
+        assert attribute in backward, attribute

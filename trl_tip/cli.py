@@ -1,0 +1,59 @@
+"""The `trl-tip` command line: `trl-tip train`, `trl-tip tiny-models`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+COMMANDS = {
+    "train": "TIP on-policy distillation from a YAML recipe (TrlParser: --config FILE plus --flag overrides).",
+    "tiny-models": "Write a tiny random student, teacher, tokenizer and prompt file for offline smoke runs.",
+}
+
+
+def tiny_models(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="trl-tip tiny-models", description=COMMANDS["tiny-models"])
+    parser.add_argument("--output-dir", default="outputs/tiny-models", help="Folder for student/, teacher/, prompts.jsonl")
+    parser.add_argument("--num-prompts", type=int, default=64)
+    args = parser.parse_args(argv)
+
+    import os
+
+    from .testing import tiny_causal_lm, tiny_math_dataset, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    for name, model in (
+        ("student", tiny_causal_lm(tokenizer, hidden_size=64, seed=0)),
+        ("teacher", tiny_causal_lm(tokenizer, hidden_size=128, seed=1)),
+    ):
+        path = os.path.join(args.output_dir, name)
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    tiny_math_dataset(args.num_prompts).to_json(os.path.join(args.output_dir, "prompts.jsonl"))
+    print(f"Wrote {args.output_dir}/student, {args.output_dir}/teacher and {args.output_dir}/prompts.jsonl")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        lines = ["usage: trl-tip <command> [options]", "", "TIP: token importance in on-policy distillation.", "", "commands:"]
+        lines += [f"  {name:<12} {text}" for name, text in COMMANDS.items()]
+        lines += ["", "Run `trl-tip <command> --help` for a command's options."]
+        print("\n".join(lines))
+        if not argv:
+            sys.exit(2)
+        return
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        from .train import run
+
+        run(rest, prog="trl-tip train")
+    elif command == "tiny-models":
+        tiny_models(rest)
+    else:
+        sys.exit(f"trl-tip: unknown command {command!r}; choose from {', '.join(COMMANDS)}.")
+
+
+if __name__ == "__main__":
+    main()

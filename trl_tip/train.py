@@ -1,0 +1,110 @@
+"""`trl-tip train`: TIP on-policy distillation from a YAML recipe, like `trl distillation --config ...`.
+
+    trl-tip train --config recipes/qwen3_8b_to_4b/soft_or_50.yaml [--flag value ...]
+    python -m trl_tip.train --config recipes/tiny_cpu.yaml
+    accelerate launch --config_file recipes/accelerate/zero3.yaml -m trl_tip.train --config <recipe>.yaml
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
+
+
+PROMPT_COLUMNS = ("question", "problem")
+
+
+def make_parser(prog: str | None = None) -> TrlParser:
+    from .config import TIPConfig
+
+    return TrlParser((ScriptArguments, TIPConfig, ModelConfig, DatasetMixtureConfig), prog=prog)
+
+
+def load_prompt_dataset(name: str, config: str | None = None, streaming: bool = False):
+    """
+    Loads a dataset by Hub id, local `.json`/`.jsonl` file, or `save_to_disk` folder, and gives it the `prompt` column
+    TRL expects: rows with only `question` (GSM8K) or `problem` (MATH) get a one-turn conversational prompt.
+    """
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    if os.path.isfile(name):
+        if not name.endswith((".json", ".jsonl")):
+            raise ValueError(f"`dataset_name` {name!r} is a file but not .json/.jsonl; convert it or pass a folder.")
+        dataset = load_dataset("json", data_files=name)
+    elif os.path.isdir(name) and os.path.isfile(os.path.join(name, "dataset_dict.json")):
+        dataset = load_from_disk(name)
+    else:
+        dataset = load_dataset(name, name=config, streaming=streaming)
+    if not isinstance(dataset, DatasetDict):
+        dataset = DatasetDict({"train": dataset})
+    for split, data in dataset.items():
+        columns = data.column_names or []
+        if "prompt" in columns:
+            continue
+        source = next((c for c in PROMPT_COLUMNS if c in columns), None)
+        if source is None:
+            raise ValueError(
+                f"Split `{split}` of {name!r} needs a `prompt` column (or `question`/`problem`); it has {columns}."
+            )
+        dataset[split] = data.map(lambda row: {"prompt": [{"role": "user", "content": row[source]}]})
+    return dataset
+
+
+def main(script_args, training_args, model_args, dataset_args):
+    from trl import get_dataset, get_peft_config, get_quantization_config
+
+    from .trainer import TIPGKDTrainer
+
+    if model_args.model_name_or_path is None:
+        raise ValueError("A student model is required: set `model_name_or_path` in the recipe or with --model_name_or_path.")
+    if training_args.teacher_model_name_or_path is None:
+        raise ValueError("A teacher model is required: set `teacher_model_name_or_path` in the recipe or on the command line.")
+
+    init_kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    training_args.model_init_kwargs = {**init_kwargs, **(training_args.model_init_kwargs or {})}
+    teacher_kwargs = {**init_kwargs, "revision": training_args.teacher_model_revision}
+    training_args.teacher_model_init_kwargs = {**teacher_kwargs, **(training_args.teacher_model_init_kwargs or {})}
+
+    if dataset_args.datasets:
+        dataset = get_dataset(dataset_args)
+    elif script_args.dataset_name:
+        dataset = load_prompt_dataset(script_args.dataset_name, script_args.dataset_config, script_args.dataset_streaming)
+    else:
+        raise ValueError("A dataset is required: set `dataset_name` (Hub id, .jsonl file or folder) or `datasets`.")
+    if script_args.dataset_train_split not in dataset:
+        raise ValueError(
+            f"`dataset_train_split` {script_args.dataset_train_split!r} is not in the dataset; it has {list(dataset)}."
+        )
+
+    trainer = TIPGKDTrainer(
+        model=model_args.model_name_or_path,
+        teacher_model=training_args.teacher_model_name_or_path,
+        args=training_args,
+        train_dataset=dataset[script_args.dataset_train_split],
+        eval_dataset=dataset.get(script_args.dataset_test_split) if training_args.eval_strategy != "no" else None,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Student and tip_stats/ saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    return trainer
+
+
+def run(argv: list[str] | None = None, prog: str | None = None):
+    parser = make_parser(prog=prog)
+    script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(args=argv)
+    return main(script_args, training_args, model_args, dataset_args)
+
+
+if __name__ == "__main__":
+    run(sys.argv[1:], prog="python -m trl_tip.train")
