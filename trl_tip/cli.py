@@ -7,6 +7,7 @@ import sys
 
 
 COMMANDS = {
+    "demo": "Distill SmolLM2-135M-Instruct into a compressed copy on this CPU, offline, and plot the quadrants.",
     "train": "TIP on-policy distillation from a YAML recipe (TrlParser: --config FILE plus --flag overrides).",
     "tiny-models": "Write a tiny random student, teacher, tokenizer and prompt file for offline smoke runs.",
 }
@@ -45,7 +46,11 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
         return
     command, rest = argv[0], argv[1:]
-    if command == "train":
+    if command == "demo":
+        from .demo import main as demo_main
+
+        demo_main(rest)
+    elif command == "train":
         from .train import run
 
         run(rest, prog="trl-tip train")
