@@ -21,3 +21,13 @@ def small_tiles(monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """A tiny student, teacher and prompt file written by `trl-tip tiny-models`, shared by the CLI and demo tests."""
+    from trl_tip.cli import main as cli_main
+
+    out = tmp_path_factory.mktemp("tiny-models")
+    cli_main(["tiny-models", "--output-dir", str(out), "--num-prompts", "16"])
+    return out

@@ -8,7 +8,6 @@ import pytest
 import yaml
 
 from trl_tip import TIPConfig
-from trl_tip.cli import main as cli_main
 from trl_tip.train import load_prompt_dataset, make_parser, run
 
 
@@ -55,13 +54,6 @@ def test_accelerate_configs(config):
     assert raw["distributed_type"] == expected
     if expected == "DEEPSPEED":
         assert raw["deepspeed_config"]["zero_stage"] == int(config.stem[4])
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny-models")
-    cli_main(["tiny-models", "--output-dir", str(out), "--num-prompts", "16"])
-    return out
 
 
 def tiny_overrides(models, output_dir):

@@ -83,13 +83,6 @@ def test_compressed_student_drops_a_middle_block_and_still_generates():
         compress_layers(model, [1, 0])
 
 
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny")
-    cli_main(["tiny-models", "--output-dir", str(out), "--num-prompts", "4"])
-    return out
-
-
 def test_demo_pipeline_writes_a_complete_run(tiny_models, tmp_path):
     args = DemoArguments(
         teacher=str(tiny_models / "teacher"), student_layers=1, steps=2, batch_size=2, max_new_tokens=6,
