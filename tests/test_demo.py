@@ -149,6 +149,18 @@ def test_corrupt_cached_gguf_is_reported_and_removed(tmp_path):
     assert not (tmp_path / "models").exists(), "no converted model is left as if it were complete"
 
 
+def test_drop_layers_chooses_the_student_layers(tiny_models, tmp_path):
+    from trl_tip.demo import load_models
+
+    args = DemoArguments(teacher=str(tiny_models / "teacher"), drop_layers="0")
+    _, student, _, _, name = load_models(args)
+    assert student.config.num_hidden_layers == 1 and "decoder layers [1]" in name
+    with pytest.raises(ValueError, match="--drop-layers must name some, not all"):
+        load_models(DemoArguments(teacher=str(tiny_models / "teacher"), drop_layers="0,1"))
+    with pytest.raises(ValueError, match="--drop-layers must be comma-separated integers"):
+        load_models(DemoArguments(teacher=str(tiny_models / "teacher"), drop_layers="a"))
+
+
 def test_flags_parse():
     args = parse_args(["--selector", "q3", "--ratio", "0.2", "--steps", "5", "--student-layers", "24", "--overwrite"])
     assert (args.selector, args.ratio, args.steps, args.student_layers, args.overwrite) == ("q3", 0.2, 5, 24, True)

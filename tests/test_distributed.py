@@ -22,7 +22,7 @@ def completions_dataset(path: Path, n: int = 16):
     tiny_math_dataset(n, with_completions=True).to_json(str(path))
 
 
-def launch(tiny_models, data, output_dir, processes, per_device_batch):
+def launch(tiny_models, data, output_dir, processes, per_device_batch, accelerate_config="ddp_cpu.yaml", extra=()):
     recipe_args = [
         "--config", str(ROOT / "recipes" / "tiny_cpu.yaml"),
         "--model_name_or_path", str(tiny_models / "student"),
@@ -37,12 +37,13 @@ def launch(tiny_models, data, output_dir, processes, per_device_batch):
         "--shuffle_dataset", "false",
         "--save_strategy", "steps",
         "--save_steps", "3",
+        *extra,
     ]
     if processes == 1:
         command = [sys.executable, "-m", "trl_tip.train", *recipe_args]
     else:
         accelerate = shutil.which("accelerate") or "accelerate"
-        config = ROOT / "recipes" / "accelerate" / "ddp_cpu.yaml"
+        config = ROOT / "recipes" / "accelerate" / accelerate_config
         command = [accelerate, "launch", "--config_file", str(config), "--main_process_port", "0", "-m", "trl_tip.train", *recipe_args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
@@ -68,3 +69,25 @@ def test_ddp_on_two_processes_matches_one_process(tiny_models, tmp_path):
         assert ddp["num_tokens"] == single["num_tokens"] > 0
         assert ddp["num_selected"] == single["num_selected"]
     assert not any((tmp_path / "ddp").glob("tip_stats*/rank*")), "tip_stats is written once, by the main process"
+
+
+@pytest.mark.timeout(900)
+def test_zero3_on_two_processes_matches_ddp_and_saves_a_loadable_student(tiny_models, tmp_path):
+    pytest.importorskip("deepspeed", reason="the `deepspeed` extra is not installed")
+    from transformers import AutoModelForCausalLM
+
+    data = tmp_path / "completions.jsonl"
+    completions_dataset(data)
+    ddp_losses, ddp_steps = launch(tiny_models, data, tmp_path / "ddp", processes=2, per_device_batch=2)
+    zero3_losses, zero3_steps = launch(
+        tiny_models, data, tmp_path / "zero3", processes=2, per_device_batch=2, accelerate_config="zero3_cpu.yaml"
+    )
+    assert zero3_losses == pytest.approx(ddp_losses, rel=1e-4)
+    assert [s["num_selected"] for s in zero3_steps] == [s["num_selected"] for s in ddp_steps]
+    # save_model consolidates the ZeRO-3 shards into one 16-bit-capable state dict that plain transformers loads.
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "zero3")
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp")
+    for (name, a), (_, b) in zip(student.named_parameters(), reference.named_parameters()):
+        assert a.shape == b.shape and a.abs().sum() > 0, name
+    assert (tmp_path / "zero3" / "tip_stats" / "steps.jsonl").is_file()
+    assert (tmp_path / "zero3" / "checkpoint-3" / "tip_stats" / "steps.jsonl").is_file()

@@ -68,13 +68,11 @@ def check_projection_inputs(
         ("student_lm_head_weight", student_lm_head_weight, student_hidden_states),
         ("teacher_lm_head_weight", teacher_lm_head_weight, teacher_hidden_states),
     ):
-        # ZeRO-3 partitions a parameter to numel 0 outside its module's forward; the loss gathers it itself.
-        if weight.dim() != 2 or (weight.numel() > 0 and weight.shape[1] != hidden.shape[-1]):
-            raise ValueError(
-                f"`{name}` must have shape (V, H) with H = {hidden.shape[-1]} (the hidden size); got {tuple(weight.shape)}."
-            )
-    student_vocab, teacher_vocab = _vocab_size(student_lm_head_weight), _vocab_size(teacher_lm_head_weight)
-    if student_vocab is not None and teacher_vocab is not None and student_vocab != teacher_vocab:
+        shape = full_shape(weight)
+        if len(shape) != 2 or shape[1] != hidden.shape[-1]:
+            raise ValueError(f"`{name}` must have shape (V, H) with H = {hidden.shape[-1]} (the hidden size); got {shape}.")
+    student_vocab, teacher_vocab = full_shape(student_lm_head_weight)[0], full_shape(teacher_lm_head_weight)[0]
+    if student_vocab != teacher_vocab:
         raise ValueError(
             f"The student and teacher heads must share one vocabulary: `student_lm_head_weight` has {student_vocab} rows "
             f"and `teacher_lm_head_weight` has {teacher_vocab}. Use a student and teacher with the same tokenizer."
@@ -83,9 +81,8 @@ def check_projection_inputs(
         ("student_lm_head_bias", student_lm_head_bias, student_lm_head_weight),
         ("teacher_lm_head_bias", teacher_lm_head_bias, teacher_lm_head_weight),
     ):
-        vocab = _vocab_size(weight)
-        if bias is not None and bias.numel() > 0 and vocab is not None and tuple(bias.shape) != (vocab,):
-            raise ValueError(f"`{name}` must have shape ({vocab},); got {tuple(bias.shape)}.")
+        if bias is not None and full_shape(bias) != (full_shape(weight)[0],):
+            raise ValueError(f"`{name}` must have shape ({full_shape(weight)[0]},); got {full_shape(bias)}.")
     devices = {
         "student_hidden_states": student_hidden_states.device,
         "teacher_hidden_states": teacher_hidden_states.device,
@@ -98,11 +95,10 @@ def check_projection_inputs(
         raise ValueError(f"All inputs must be on one device; got {listing}.")
 
 
-def _vocab_size(weight: torch.Tensor) -> int | None:
-    # A ZeRO-3 partitioned parameter keeps its full shape in `ds_shape`.
-    if hasattr(weight, "ds_shape"):
-        return int(weight.ds_shape[0])
-    return int(weight.shape[0]) if weight.numel() > 0 else None
+def full_shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    """The logical shape: ZeRO-3 partitions a parameter to numel 0 outside its module's forward and keeps the full
+    shape in `ds_shape`; the projections gather it themselves."""
+    return tuple(int(d) for d in getattr(tensor, "ds_shape", tensor.shape))
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:

@@ -28,7 +28,12 @@ class DemoArguments:
     student: str | None = field(
         default=None, metadata={"help": "Student folder or Hub id; default: the teacher with layers removed."}
     )
-    student_layers: int = field(default=26, metadata={"help": "Decoder layers the compressed student keeps."})
+    student_layers: int = field(
+        default=26, metadata={"help": "Decoder layers the compressed student keeps (a middle block is dropped)."}
+    )
+    drop_layers: str | None = field(
+        default=None, metadata={"help": "Comma-separated teacher layer indices to drop instead, e.g. '13,14,15,16'."}
+    )
     selector: str = field(default="soft_or", metadata={"help": f"Token selector: {', '.join(SELECTORS)}."})
     ratio: float = field(default=0.5, metadata={"help": "Retention ratio in (0, 1]."})
     steps: int = field(default=30, metadata={"help": "Optimizer steps."})
@@ -95,7 +100,17 @@ def load_models(args: DemoArguments):
     teacher_path = resolve_model(args.teacher)
     teacher, tokenizer = load_causal_lm(teacher_path)
     if args.student is None:
-        keep = default_layers_to_keep(teacher.config.num_hidden_layers, args.student_layers)
+        depth = teacher.config.num_hidden_layers
+        if args.drop_layers:
+            try:
+                dropped = {int(i) for i in args.drop_layers.split(",")}
+            except ValueError as error:
+                raise ValueError(f"--drop-layers must be comma-separated integers; got {args.drop_layers!r}.") from error
+            if not dropped <= set(range(depth)) or len(dropped) >= depth:
+                raise ValueError(f"--drop-layers must name some, not all, of the teacher's layers 0..{depth - 1}.")
+            keep = [i for i in range(depth) if i not in dropped]
+        else:
+            keep = default_layers_to_keep(depth, args.student_layers)
         student, _ = load_causal_lm(teacher_path)
         student = compress_layers(student, keep)
         student_name = f"{teacher_path} with decoder layers {keep} ({len(keep)} of {teacher.config.num_hidden_layers})"

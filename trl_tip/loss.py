@@ -179,8 +179,6 @@ def masked_gjsd_loss(
     teacher_lm_head_weight, teacher_lm_head_bias = materialize_lm_head(
         teacher_lm_head_weight, teacher_lm_head_bias, _compute_dtype(teacher_hidden_states)
     )
-    teacher_lm_head_weight = teacher_lm_head_weight.detach()
-    teacher_lm_head_bias = None if teacher_lm_head_bias is None else teacher_lm_head_bias.detach()
     kernel_args = kernel_arguments(
         temperature,
         student_logit_scale,
@@ -189,7 +187,8 @@ def masked_gjsd_loss(
         teacher_final_logit_softcapping,
     )
     # Called even with nothing selected: under ZeRO-3 the functions gather the heads, a collective every rank joins,
-    # and an empty input still yields a zero loss connected to the student's graph.
+    # and an empty input still yields a zero loss connected to the student's graph. The teacher's head is passed as
+    # the parameter itself (both functions return no gradient for it): ZeRO-3's gather needs the parameter object.
     if stats is not None and beta in (0.0, 1.0):
         _check_reusable(stats, selected_mask, selected, temperature, kernel_args)
         divergence = stats.reverse_kl if beta == 1.0 else stats.forward_kl
