@@ -161,9 +161,14 @@ def test_drop_layers_chooses_the_student_layers(tiny_models, tmp_path):
         load_models(DemoArguments(teacher=str(tiny_models / "teacher"), drop_layers="a"))
 
 
-def test_flags_parse():
-    args = parse_args(["--selector", "q3", "--ratio", "0.2", "--steps", "5", "--student-layers", "24", "--overwrite"])
+def test_flags_parse_and_the_card_names_the_command_back():
+    from trl_tip.demo import reproduce_command
+
+    argv = ["--selector", "q3", "--ratio", "0.2", "--steps", "5", "--student-layers", "24", "--overwrite"]
+    args = parse_args(argv)
     assert (args.selector, args.ratio, args.steps, args.student_layers, args.overwrite) == ("q3", 0.2, 5, 24, True)
+    assert reproduce_command(args) == "trl-tip demo --student-layers 24 --selector q3 --ratio 0.2 --steps 5"
+    assert reproduce_command(parse_args([])) == "trl-tip demo"
 
 
 def _registry_reachable() -> tuple[bool, str]:

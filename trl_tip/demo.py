@@ -63,6 +63,18 @@ def parse_args(argv: list[str] | None = None) -> DemoArguments:
     return DemoArguments(**vars(parser.parse_args(argv)))
 
 
+def reproduce_command(args: DemoArguments) -> str:
+    """The `trl-tip demo` line with every flag that differs from its default (paths and run naming left out)."""
+    defaults = DemoArguments()
+    flags = []
+    for name in DemoArguments.__dataclass_fields__:
+        value = getattr(args, name)
+        if name in ("output_dir", "run_name", "overwrite") or value == getattr(defaults, name):
+            continue
+        flags.append(f"--{name.replace('_', '-')} {value}")
+    return " ".join(["trl-tip demo", *flags])
+
+
 def _dataset_problems(name: str, n_train: int, n_eval: int, seed: int):
     from .problems import extract_integer
     from .train import load_prompt_dataset
@@ -261,7 +273,7 @@ def run_demo(args: DemoArguments) -> str:
                 {"name": "student after", "values": [f"{100 * ev['student_accuracy_after']:.1f}%", f"{ev['student_reverse_kl_after']:.4f}"]},
             ],
         },
-        recipe="trl-tip demo " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["demo"] else "trl-tip demo",
+        recipe=reproduce_command(args),
         recipe_language="bash",
     )
     with open(os.path.join(staging, "README.md"), "w") as f:

@@ -111,8 +111,8 @@ class TIPGKDTrainer(DistillationTrainer):
         # One on/off-policy draw per generation batch, identical on every rank: generation is a collective under vLLM
         # and ZeRO-3, so all ranks must take the same branch.
         self._policy_rng = random.Random(self.selection_seed)
-        self._dataset_completions = None
-        self._used_dataset_completions = False
+        # (prompt, completion) pairs of the dataset while an off-policy batch is being built (lmbda < 1).
+        self._dataset_examples = None
         self._last_selection = None
         entropy_threshold, divergence_threshold = args.quadrant_threshold_values
         self.quadrant_tracker = QuadrantTracker(entropy_threshold, divergence_threshold)
@@ -150,17 +150,15 @@ class TIPGKDTrainer(DistillationTrainer):
     # Rollouts: GKD's lmbda mixes on-policy student rollouts with the dataset's own completions.
 
     def _generate_and_score_completions(self, inputs):
-        self._dataset_completions = None
-        self._used_dataset_completions = False
-        if self.model.training and self.args.lmbda < 1.0 and self._policy_rng.random() >= self.args.lmbda:
-            self._dataset_completions = [example["completion"] for example in inputs]
-            self._dataset_prompts = [example["prompt"] for example in inputs]
+        off_policy = self.model.training and self.args.lmbda < 1.0 and self._policy_rng.random() >= self.args.lmbda
+        if off_policy:
+            self._dataset_examples = [(example["prompt"], example["completion"]) for example in inputs]
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
-            self._dataset_completions = None
+            self._dataset_examples = None
         mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["tip/on_policy"].append(0.0 if self._used_dataset_completions else 1.0)
+        self._metrics[mode]["tip/on_policy"].append(0.0 if off_policy else 1.0)
         if getattr(self.token_selector, "fixed_count", False) and hasattr(self.token_selector, "count"):
             # Ratio selectors keep a count that follows from the masks alone, so the global normalizer of the whole
             # generation batch (all accumulation steps, all ranks) is known before any statistics are computed.
@@ -171,10 +169,9 @@ class TIPGKDTrainer(DistillationTrainer):
         return output
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
-        self._used_dataset_completions = self._dataset_completions is not None
-        if self._dataset_completions is None:
+        if self._dataset_examples is None:
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
-        return [self._tokenize_completion(p, c) for p, c in zip(self._dataset_prompts, self._dataset_completions)]
+        return [self._tokenize_completion(prompt, completion) for prompt, completion in self._dataset_examples]
 
     def _tokenize_completion(self, prompt, completion) -> list[int]:
         """Token ids of a dataset completion as the chat template renders it after `prompt`, truncated like a rollout."""
