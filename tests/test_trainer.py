@@ -233,3 +233,20 @@ def test_several_rollouts_per_prompt(tokenizer, tmp_path):
     assert len({tuple(p.tolist()) for p in prompts}) == 2, "4 rollouts of 2 distinct prompts"
     with pytest.raises(ValueError, match="must divide the generation batch"):
         make_trainer(tokenizer, tmp_path, num_rollouts_per_prompt=3, per_device_train_batch_size=4)
+
+
+def test_trainer_writes_the_trl_tip_model_card(tokenizer, tmp_path):
+    from huggingface_hub import ModelCard
+
+    trainer = make_trainer(tokenizer, tmp_path, token_selector="q3", selection_ratio=0.2, max_steps=2)
+    trainer.train()
+    trainer.create_model_card(dataset_name="tiny-sums")
+    card = ModelCard.load(tmp_path / "README.md")
+    assert {"trl", "trl-tip", "distillation", "tip"} <= set(card.data.tags)
+    assert card.data.datasets == ["tiny-sums"]
+    assert "`q3`" in card.text and "20% of each rollout's valid tokens" in card.text
+    assert "reverse KL(student ‖ teacher) (beta=1.0)" in card.text
+    for q in QUADRANT_NAMES:
+        assert f"| {q} |" in card.text
+    assert (tmp_path / "quadrants.png").is_file() and "![Token quadrants](quadrants.png)" in card.text
+    assert "token_selector: q3" in card.text and "selection_ratio: 0.2" in card.text

@@ -13,7 +13,7 @@ from datasets import Dataset, IterableDataset
 from trl import DistillationTrainer
 from trl.data_utils import apply_chat_template, is_conversational
 from trl.trainer import distillation_trainer as trl_distillation
-from trl.trainer.utils import RepeatSampler
+from trl.trainer.utils import RepeatSampler, get_config_model_id
 
 from .config import TIPConfig
 from .loss import masked_gjsd_loss
@@ -305,6 +305,75 @@ class TIPGKDTrainer(DistillationTrainer):
         if self.accelerator.is_main_process:
             self.quadrant_tracker.save(os.path.join(output_dir, TIP_STATS_DIR))
 
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None):
+        """
+        Writes `README.md` (and `quadrants.png`) to `output_dir`: trl-tip's card from `model_cards/student.md.j2`, with
+        the teacher, selector, loss, quadrant tables and training settings. TRL's own template lookup only sees
+        TRL's folder, hence the override. Extra `tags` are ignored: the card carries trl-tip's own.
+        """
+        if not self.is_world_process_zero():
+            return
+        from .model_card import render_student_card
+        from .plotting import plot_quadrants
+
+        output_dir = self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        plot = None
+        if self.quadrant_tracker.steps:
+            plot_quadrants(self.quadrant_tracker, os.path.join(output_dir, "quadrants.png"))
+            plot = "quadrants.png"
+        student_id = get_config_model_id(self.model.config)
+        teacher_label = _model_label(self.accelerator.unwrap_model(self.teacher_model).config)
+        selector = self.token_selector
+        ratio = getattr(selector, "ratio", None)
+        card = render_student_card(
+            self.quadrant_tracker,
+            model_name=model_name or os.path.basename(os.path.normpath(output_dir)),
+            base_model=student_id if student_id and not os.path.isdir(student_id) else None,
+            license="apache-2.0",
+            datasets=[dataset_name] if dataset_name else [],
+            teacher=teacher_label,
+            student=_model_label(self.model.config),
+            selector=getattr(selector, "name", getattr(selector, "__name__", type(selector).__name__)),
+            selector_kwargs=self.args.token_selector_kwargs,
+            ratio_text="not ratio-based" if ratio is None else f"{100 * ratio:g}% of each rollout's valid tokens",
+            beta=self.args.beta,
+            temperature=self.args.temperature,
+            normalization=(
+                "the number of selected tokens" if self.args.loss_normalization == "selected" else "all valid tokens"
+            ),
+            training_data=dataset_name or "the trainer's prompt dataset",
+            steps=self.state.global_step,
+            learning_rate=self.args.learning_rate,
+            plot=plot,
+            evaluation=None,
+            recipe=self._recipe_yaml(),
+            recipe_language="yaml",
+        )
+        with open(os.path.join(output_dir, "README.md"), "w") as f:
+            f.write(card)
+
+    def _recipe_yaml(self) -> str:
+        """The settings that define the run, as a `trl-tip train --config` YAML."""
+        import yaml
+
+        args = self.args
+        fields = (
+            "teacher_model_name_or_path", "token_selector", "token_selector_kwargs", "selection_ratio",
+            "selection_scope", "loss_normalization", "beta", "temperature", "lmbda", "num_rollouts_per_prompt",
+            "learning_rate", "lr_scheduler_type", "per_device_train_batch_size", "gradient_accumulation_steps",
+            "max_completion_length", "max_steps", "num_train_epochs", "seed",
+        )
+        recipe = {"model_name_or_path": _model_label(self.model.config)}
+        for name in fields:
+            value = getattr(args, name, None)
+            if value is not None:
+                # Enums (e.g. the scheduler type) are written as their plain values, as a recipe spells them.
+                recipe[name] = getattr(value, "value", value)
+        if recipe.get("teacher_model_name_or_path") is None:
+            recipe["teacher_model_name_or_path"] = _model_label(self.accelerator.unwrap_model(self.teacher_model).config)
+        return yaml.safe_dump(recipe, sort_keys=False).strip()
+
     def train(self, *args, **kwargs):
         output = super().train(*args, **kwargs)
         self.save_tip_stats(self.args.output_dir)
@@ -327,3 +396,8 @@ class TIPGKDTrainer(DistillationTrainer):
         stats_dir = os.path.join(checkpoint, TIP_STATS_DIR)
         if os.path.isfile(os.path.join(stats_dir, "tracker.json")):
             self.quadrant_tracker = QuadrantTracker.load(stats_dir)
+
+
+def _model_label(config) -> str:
+    """The model's Hub id or path, or its architecture when it was built in memory and has neither."""
+    return get_config_model_id(config) or f"{config.model_type} model built in memory"
