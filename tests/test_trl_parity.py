@@ -72,3 +72,17 @@ def test_kernel_internals_used_by_the_statistics_pass():
     # DivergenceFromStats hands TRL's backward a context with exactly these attributes.
     for attribute in ("ctx.saved_tensors", "ctx.dtypes", "ctx.needs_input_grad", "ctx.beta", "ctx.mode", "ctx.kernel_args"):
         assert attribute in backward, attribute
+
+
+def test_math_modules_stand_alone_without_the_trainer():
+    """trl_tip's math (stats, selectors, quadrants, loss) imports neither our trainer nor TRL's."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, trl_tip.stats, trl_tip.selectors, trl_tip.quadrants, trl_tip.loss, trl_tip\n"
+        "loaded = [m for m in ('trl_tip.trainer', 'trl_tip.config', 'trl.trainer.distillation_trainer') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+        "assert trl_tip.TIPGKDTrainer.__name__ == 'TIPGKDTrainer'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -4,8 +4,19 @@ from .loss import masked_gjsd_loss
 from .quadrants import QUADRANT_NAMES, HistogramSpec, QuadrantCounts, QuadrantTracker, classify_quadrants
 from .selectors import SELECTORS, Selection, TokenSelector, build_selector, resolve_selection
 from .stats import TokenStats, compute_token_stats
-from .config import TIPConfig
-from .trainer import TIPGKDTrainer
+
+
+# The training glue (TRL's trainer, transformers, accelerate) loads on first use, so the math modules above can be
+# imported, read and tested without it, as TRL does with its own lazy module.
+_LAZY = {"TIPConfig": ".config", "TIPGKDTrainer": ".trainer"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'trl_tip' has no attribute {name!r}")
 
 
 __version__ = "0.1.0"
