@@ -212,8 +212,7 @@ def run_demo(args: DemoArguments) -> str:
     after = evaluate(student, teacher, tokenizer, held_out, args, "student (after)")
     timings["evaluation_after_s"] = time.time() - t
 
-    trainer.save_model(staging)
-    tokenizer.save_pretrained(staging)
+    trainer.save_model(staging)  # the student, its tokenizer (the trainer's processing class) and tip_stats/
     plot_quadrants(
         trainer.quadrant_tracker,
         os.path.join(staging, "quadrants.png"),

@@ -6,7 +6,7 @@ import torch
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 
 from ._checks import check_beta, check_choice, check_finite, check_projection_inputs, check_temperature
-from .stats import TokenStats, _compute_dtype, kernel_arguments, materialize_lm_head
+from .stats import TokenStats, _compute_dtype, kernel_arguments, materialize_lm_head, projection_signature
 
 
 LOSS_NORMALIZATIONS = ("selected", "all")
@@ -242,7 +242,7 @@ def _check_reusable(stats, selected_mask, selected, temperature, kernel_args) ->
         raise ValueError(f"`stats` covers shape {tuple(stats.mask.shape)} but `selected_mask` has {tuple(selected_mask.shape)}.")
     if stats.student_log_z is None or stats.teacher_log_z is None or stats.projection is None:
         raise ValueError("`stats` lacks log-normalizers; pass the output of `compute_token_stats` or leave `stats` unset.")
-    expected = {"temperature": temperature, **{k: v for k, v in kernel_args.items() if k != "inv_t"}}
+    expected = projection_signature(temperature, kernel_args)
     if stats.projection != expected:
         raise ValueError(
             f"`stats` were computed with {stats.projection} but the loss uses {expected}; recompute them with the "

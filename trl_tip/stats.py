@@ -242,12 +242,15 @@ def compute_token_stats(
         mask=valid,
         student_log_z=scatter(s_log_z),
         teacher_log_z=scatter(t_log_z),
-        projection={"temperature": temperature, **_transform_args(kernel_args)},
+        projection=projection_signature(temperature, kernel_args),
     )
 
 
-def _transform_args(kernel_args: dict) -> dict:
-    return {k: kernel_args[k] for k in ("s_scale", "s_softcap", "t_scale", "t_softcap", "S_HAS_SOFTCAP", "T_HAS_SOFTCAP")}
+def projection_signature(temperature: float, kernel_args: dict) -> dict:
+    """What statistics depend on besides the inputs: the temperature and both models' logit transforms. Stored in
+    `TokenStats.projection` and compared by the loss before it reuses them."""
+    transforms = ("s_scale", "s_softcap", "t_scale", "t_softcap", "S_HAS_SOFTCAP", "T_HAS_SOFTCAP")
+    return {"temperature": temperature, **{k: kernel_args[k] for k in transforms}}
 
 
 def kernel_arguments(
