@@ -166,7 +166,7 @@ class TIPGKDTrainer(DistillationTrainer):
             self._dataset_examples = None
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["tip/on_policy"].append(0.0 if off_policy else 1.0)
-        if getattr(self.token_selector, "fixed_count", False) and hasattr(self.token_selector, "count"):
+        if self._count_follows_from_masks:
             # Ratio selectors keep a count that follows from the masks alone, so the global normalizer of the whole
             # generation batch (all accumulation steps, all ranks) is known before any statistics are computed.
             loss_mask = output["completion_mask"]
@@ -246,7 +246,7 @@ class TIPGKDTrainer(DistillationTrainer):
         generator = self._selection_generator if training else torch.Generator().manual_seed(self.selection_seed)
         selection = resolve_selection(self.token_selector, stats, generator)
         if training and self.args.loss_normalization == "selected" and num_items_in_batch is not None:
-            if not getattr(self.token_selector, "fixed_count", False):
+            if not self._count_follows_from_masks:
                 num_items_in_batch = self._estimated_selected_count(selection.mask)
         loss, _, _ = masked_gjsd_loss(
             student_hidden_states,
@@ -265,6 +265,12 @@ class TIPGKDTrainer(DistillationTrainer):
         )
         self._last_selection = (stats, selection.mask)
         return loss, stats.entropy.sum(), stats.mask.sum()
+
+    @property
+    def _count_follows_from_masks(self) -> bool:
+        """Whether the selector's kept count is known from the masks alone (it declares `fixed_count` and can
+        `count`); both the rollout-time normalizer and the per-micro-batch estimate are chosen by this one test."""
+        return bool(getattr(self.token_selector, "fixed_count", False)) and hasattr(self.token_selector, "count")
 
     def _estimated_selected_count(self, keep_mask: torch.Tensor) -> torch.Tensor:
         """Per-process denominator for selectors whose kept count depends on the statistics (e.g. `quadrant`).
