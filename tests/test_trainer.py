@@ -184,6 +184,8 @@ def test_resume_from_checkpoint_repeats_the_next_selection_and_loss(tokenizer, t
         ({"quadrant_thresholds": "high"}, "`quadrant_thresholds` must be 'median' or 'H,D'"),
         ({"token_selector_kwargs": "{not json"}, "`token_selector_kwargs` must be a JSON object"),
         ({"log_quadrant_stats_every": 0}, "`log_quadrant_stats_every` must be a positive integer"),
+        ({"benchmarks": ["math5000"]}, "`benchmarks` entries must be one of math500, aime24, aime25, amc23, gsm8k"),
+        ({"benchmarks": ["gsm8k"], "benchmark_num_samples": 0}, r"`benchmark_\*` fields\): `k` must be at least 1"),
     ],
 )
 def test_bad_config_fails_at_construction(overrides, message, tmp_path):
@@ -250,3 +252,30 @@ def test_trainer_writes_the_trl_tip_model_card(tokenizer, tmp_path):
         assert f"| {q} |" in card.text
     assert (tmp_path / "quadrants.png").is_file() and "![Token quadrants](quadrants.png)" in card.text
     assert "token_selector: q3" in card.text and "selection_ratio: 0.2" in card.text
+
+
+def test_benchmarks_run_after_training_and_reach_the_logs_and_the_model_index(tokenizer, tmp_path, shared_data, monkeypatch):
+    from huggingface_hub import ModelCard
+
+    from trl_tip.math_eval import score_results_file
+
+    gsm8k = str(shared_data / "gsm8k_test.jsonl")
+    trainer = make_trainer(
+        tokenizer, tmp_path, max_steps=1, benchmarks=[gsm8k], benchmark_num_samples=2, benchmark_limit=3,
+        benchmark_max_new_tokens=4,
+    )
+    monkeypatch.setattr(tokenizer, "padding_side", "right")  # evaluation pads left and must put it back
+    trainer.train()
+    summary = json.loads((tmp_path / "eval" / "gsm8k_test" / "summary.json").read_text())
+    assert summary["num_problems"] == 3 and summary["k"] == 2 and summary["backend"] == "transformers"
+    assert score_results_file(tmp_path / "eval" / "gsm8k_test" / "results.jsonl")["mean@2"] == summary["mean@2"]
+    logged = trainer.state.log_history[-1]
+    assert logged["benchmark/gsm8k_test/mean@2"] == summary["mean@2"]
+    assert tokenizer.padding_side == "right" and trainer.model.training
+    trainer.create_model_card()
+    card = ModelCard.load(tmp_path / "README.md")
+    card.validate = None  # offline: the Hub's validation endpoint is not reachable; the model-index parses below
+    (result,) = card.data.eval_results
+    assert (result.dataset_name, result.metric_type, result.task_type) == ("gsm8k_test", "mean@2", "text-generation")
+    assert result.metric_value == round(100 * summary["mean@2"], 2)
+    assert "| gsm8k_test | 3 | 2 | 1.0 |" in card.text

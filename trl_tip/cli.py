@@ -1,4 +1,4 @@
-"""The `trl-tip` command line: `trl-tip train`, `trl-tip tiny-models`."""
+"""The `trl-tip` command line: `trl-tip demo`, `trl-tip train`, `trl-tip eval`, `trl-tip push`, `trl-tip tiny-models`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import sys
 COMMANDS = {
     "demo": "Distill SmolLM2-135M-Instruct into a compressed copy on this CPU, offline, and plot the quadrants.",
     "train": "TIP on-policy distillation from a YAML recipe (TrlParser: --config FILE plus --flag overrides).",
+    "eval": "mean@k accuracy on MATH-500, AIME 2024/2025, AMC 2023, GSM8K or a .jsonl, checked with math-verify.",
+    "push": "Push a finished run to the Hub: the student with its card, and the quadrant statistics as a dataset.",
     "tiny-models": "Write a tiny random student, teacher, tokenizer and prompt file for offline smoke runs.",
 }
 
@@ -54,6 +56,14 @@ def main(argv: list[str] | None = None) -> None:
         from .train import run
 
         run(rest, prog="trl-tip train")
+    elif command == "eval":
+        from .math_eval import main as eval_main
+
+        eval_main(rest)
+    elif command == "push":
+        from .hub import main as push_main
+
+        push_main(rest)
     elif command == "tiny-models":
         tiny_models(rest)
     else:

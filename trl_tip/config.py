@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,6 +129,34 @@ class TIPConfig(DistillationConfig):
         },
     )
 
+    benchmarks: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Math benchmarks to evaluate the student on when training ends (transformers backend, on the "
+            "in-memory student): names among math500, aime24, aime25, amc23, gsm8k, or .jsonl paths. Results are "
+            "logged, written to <output_dir>/eval/<benchmark>/ and put in the model card's model-index."
+        },
+    )
+    benchmark_num_samples: int = field(default=16, metadata={"help": "Samples per problem for `benchmarks` (mean@k)."})
+    benchmark_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature for `benchmarks`."})
+    benchmark_max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Longest response for `benchmarks`; defaults to `max_completion_length`."}
+    )
+    benchmark_limit: int | None = field(
+        default=None, metadata={"help": "Evaluate only the first N problems of each benchmark."}
+    )
+    benchmark_batch_size: int = field(
+        default=8, metadata={"help": "Problems per `generate` call (each with `benchmark_num_samples` samples)."}
+    )
+
+    hub_stats_dataset_id: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dataset repo for the quadrant statistics when `push_to_hub=True`; defaults to "
+            "`<hub_model_id>-tip-stats`, in the model's namespace."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         check_choice("token_selector", self.token_selector, SELECTORS)
@@ -153,6 +182,29 @@ class TIPConfig(DistillationConfig):
             raise ValueError(f"`lmbda` must be a number in [0, 1]; got {self.lmbda!r}.")
         # Build once so a bad selector argument fails at configuration time, naming the field.
         self.build_selector()
+        if isinstance(self.benchmarks, str):
+            self.benchmarks = [b.strip() for b in self.benchmarks.split(",") if b.strip()]
+        for name in self.benchmarks or []:
+            self.benchmark_arguments(name)
+
+    def benchmark_arguments(self, benchmark: str, output_dir: str | None = None):
+        """The `trl-tip eval` settings for one of `benchmarks`; raises ValueError naming the bad field."""
+        from .math_eval import BENCHMARKS, EvalArguments
+
+        if benchmark not in BENCHMARKS and not os.path.isfile(benchmark):
+            raise ValueError(
+                f"`benchmarks` entries must be one of {', '.join(BENCHMARKS)} or an existing .jsonl file; got {benchmark!r}."
+            )
+        try:
+            return EvalArguments(
+                model=self.output_dir, benchmark=benchmark, k=self.benchmark_num_samples,
+                temperature=self.benchmark_temperature,
+                max_new_tokens=self.benchmark_max_new_tokens or self.max_completion_length,
+                limit=self.benchmark_limit, seed=self.seed, batch_size=self.benchmark_batch_size,
+                backend="transformers", output_dir=output_dir,
+            )
+        except ValueError as error:
+            raise ValueError(f"Invalid benchmark settings (`benchmark_*` fields): {error}") from error
 
     @property
     def quadrant_threshold_values(self) -> tuple[float | str, float | str]:

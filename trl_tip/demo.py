@@ -153,7 +153,7 @@ def evaluate(model, teacher, tokenizer, held_out, args: DemoArguments, label: st
 def run_demo(args: DemoArguments) -> str:
     """Runs the whole demo and returns the finished run folder."""
     from .config import TIPConfig
-    from .model_card import render_student_card
+    from .model_card import write_student_card
     from .plotting import plot_quadrants
     from .trainer import TIPGKDTrainer
 
@@ -242,7 +242,8 @@ def run_demo(args: DemoArguments) -> str:
     with open(os.path.join(staging, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     ev = report["evaluation"]
-    card = render_student_card(
+    write_student_card(
+        staging,
         trainer.quadrant_tracker,
         model_name=run_name,
         base_model="HuggingFaceTB/SmolLM2-135M-Instruct" if args.teacher == "smollm2" else teacher_path,
@@ -260,7 +261,7 @@ def run_demo(args: DemoArguments) -> str:
         steps=args.steps,
         learning_rate=args.learning_rate,
         plot="quadrants.png",
-        evaluation={
+        comparison={
             "description": (
                 f"{ev['held_out_problems']} held-out arithmetic problems, greedy decoding, exact integer match; mean "
                 "per-token reverse KL(student ‖ teacher) on the student's own greedy completions."
@@ -275,8 +276,6 @@ def run_demo(args: DemoArguments) -> str:
         recipe=reproduce_command(args),
         recipe_language="bash",
     )
-    with open(os.path.join(staging, "README.md"), "w") as f:
-        f.write(card)
     if os.path.exists(final_dir):
         shutil.rmtree(final_dir)
     os.replace(staging, final_dir)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .problems import extract_integer
+from .grading import grade
 from .stats import compute_token_stats
 
 
@@ -52,10 +52,10 @@ def greedy_rollouts(model, tokenizer, prompts: list, max_new_tokens: int, batch_
 
 
 def answer_accuracy(texts: list[str], answers: list[int]) -> float:
-    """Share of completions whose last integer equals the answer exactly."""
+    """Share of completions whose final number equals the answer, checked as `trl-tip eval` checks GSM8K."""
     if not texts:
         return 0.0
-    return sum(extract_integer(t) == a for t, a in zip(texts, answers, strict=True)) / len(texts)
+    return sum(grade(t, str(a), "number").correct for t, a in zip(texts, answers, strict=True)) / len(texts)
 
 
 def _last_hidden(model, input_ids, attention_mask):

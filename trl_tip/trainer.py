@@ -82,6 +82,11 @@ class TIPGKDTrainer(DistillationTrainer):
                 "TIPGKDTrainer needs a teacher: pass `teacher_model=` (a model or a path/Hub id) or set "
                 "`teacher_model_name_or_path` in the TIPConfig."
             )
+        if args.push_to_hub:
+            from .hub import require_token
+
+            # transformers creates the Hub repo in __init__; without a token, say so before anything runs.
+            require_token(args.hub_token)
         if args.lmbda < 1.0:
             if tools:
                 raise ValueError("`lmbda` < 1 (training on dataset completions) is not supported together with `tools`.")
@@ -319,7 +324,7 @@ class TIPGKDTrainer(DistillationTrainer):
         """
         if not self.is_world_process_zero():
             return
-        from .model_card import render_student_card
+        from .model_card import write_student_card
         from .plotting import plot_quadrants
 
         output_dir = self.args.output_dir
@@ -332,7 +337,8 @@ class TIPGKDTrainer(DistillationTrainer):
         teacher_label = _model_label(self.accelerator.unwrap_model(self.teacher_model).config)
         selector = self.token_selector
         ratio = getattr(selector, "ratio", None)
-        card = render_student_card(
+        write_student_card(
+            output_dir,
             self.quadrant_tracker,
             model_name=model_name or os.path.basename(os.path.normpath(output_dir)),
             base_model=student_id if student_id and not os.path.isdir(student_id) else None,
@@ -352,12 +358,52 @@ class TIPGKDTrainer(DistillationTrainer):
             steps=self.state.global_step,
             learning_rate=self.args.learning_rate,
             plot=plot,
-            evaluation=None,
+            evaluation=getattr(self, "benchmark_results", None) or [],
             recipe=self._recipe_yaml(),
             recipe_language="yaml",
+            stats_dataset=self.tip_stats_dataset_id if self.args.push_to_hub else None,
         )
-        with open(os.path.join(output_dir, "README.md"), "w") as f:
-            f.write(card)
+
+    @property
+    def tip_stats_dataset_id(self) -> str | None:
+        """Where `push_to_hub` puts the quadrant statistics: `hub_stats_dataset_id`, else `<hub_model_id>-tip-stats`."""
+        from .hub import _same_namespace, default_stats_id
+
+        model_id = self.hub_model_id or self.args.hub_model_id
+        if model_id is None:
+            return self.args.hub_stats_dataset_id
+        return _same_namespace(self.args.hub_stats_dataset_id or default_stats_id(model_id), model_id)
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, token=None,
+                    revision: str | None = None, **kwargs):
+        """
+        Pushes the student with transformers' `Trainer.push_to_hub` (model, tokenizer, trl-tip's model card linking
+        the statistics dataset), then the quadrant statistics as the dataset `tip_stats_dataset_id` (configs `steps`
+        and `histogram`, the plot, a card linking back). Hub calls are retried on 5xx and timeouts; if the push still
+        fails, `trl-tip push <output_dir> --model-id ...` completes it from the saved run.
+        """
+        from .hub import push_stats_dataset, require_token, with_retries
+
+        token = require_token(token or self.args.hub_token)
+        if revision and self.is_world_process_zero():
+            from huggingface_hub import HfApi
+
+            if self.hub_model_id is None:
+                self.init_hf_repo(token=token)
+            api = HfApi(token=token)
+            with_retries(lambda: api.create_branch(self.hub_model_id, branch=revision, exist_ok=True), "Creating the branch")
+        commit = with_retries(
+            lambda: super(TIPGKDTrainer, self).push_to_hub(
+                commit_message=commit_message, blocking=True, token=token, revision=revision, **kwargs
+            ),
+            "Pushing the student",
+        )
+        if self.is_world_process_zero():
+            push_stats_dataset(
+                self.args.output_dir, self.tip_stats_dataset_id, self.hub_model_id, token=token,
+                private=bool(self.args.hub_private_repo), revision=revision,
+            )
+        return commit
 
     def _recipe_yaml(self) -> str:
         """The settings that define the run, as a `trl-tip train --config` YAML."""
@@ -383,7 +429,42 @@ class TIPGKDTrainer(DistillationTrainer):
     def train(self, *args, **kwargs):
         output = super().train(*args, **kwargs)
         self.save_tip_stats(self.args.output_dir)
+        if self.args.benchmarks:
+            self.evaluate_benchmarks()
         return output
+
+    def evaluate_benchmarks(self) -> list[dict]:
+        """
+        Evaluates the student on `args.benchmarks` (mean@k with math-verify, transformers backend, `benchmark_*`
+        settings), writes `<output_dir>/eval/<benchmark>/{results.jsonl,summary.json}`, logs `benchmark/<name>/*`
+        and keeps the summaries in `benchmark_results` for the model card's model-index.
+
+        The main process generates; under ZeRO-3 every process first gathers the full student (TRL's
+        `unwrap_model_for_generation`), so the others only wait.
+        """
+        from accelerate.utils import broadcast_object_list
+        from trl.models.utils import unwrap_model_for_generation
+
+        from .math_eval import evaluate
+
+        results = []
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as student:
+            if self.accelerator.is_main_process:
+                for name in self.args.benchmarks:
+                    label = name if "/" not in name and "." not in name else os.path.splitext(os.path.basename(name))[0]
+                    arguments = self.args.benchmark_arguments(name, os.path.join(self.args.output_dir, "eval", label))
+                    results.append(evaluate(arguments, model=student, tokenizer=self.processing_class))
+            self.accelerator.wait_for_everyone()
+        student.train()
+        results = broadcast_object_list([results])[0]
+        self.benchmark_results = results
+        metrics = {}
+        for summary in results:
+            k = summary["k"]
+            for key in (f"mean@{k}", f"mean@{k}_stderr", f"pass@{k}", "mean_response_tokens"):
+                metrics[f"benchmark/{summary['benchmark']}/{key}"] = summary[key]
+        self.log(metrics)
+        return results
 
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
