@@ -23,8 +23,9 @@ T = TypeVar("T")
 STATS_SUFFIX = "-tip-stats"
 STATS_CONFIGS = ("steps", "histogram")
 STATS_TAGS = ["trl-tip", "tip", "distillation", "quadrant-statistics"]
-# What a run folder holds that does not belong in the model repo: checkpoints, staging files, RNG states.
-IGNORED_IN_MODEL_REPO = ["checkpoint-*", "_*", "*.incomplete", "**/*.incomplete", "tip_rng_state_*", "runs/*"]
+# What a run folder holds that does not belong in the model repo: transformers' own exclusions (checkpoints, "_*"),
+# plus staging files of interrupted writes.
+IGNORED_IN_MODEL_REPO = ["checkpoint-*", "_*", "*.incomplete", "**/*.incomplete"]
 
 
 class HubPushError(RuntimeError):

@@ -104,8 +104,12 @@ def load_benchmark(name: str, limit: int | None = None, answer_format: str | Non
     problems = [_row_problem(row, source) for row in rows]
     if not problems:
         raise ValueError(f"Benchmark {name!r} has no problems.")
-    label = name if name in BENCHMARKS else os.path.splitext(os.path.basename(name))[0]
-    return Benchmark(label, source, answer_format or default_format, problems)
+    return Benchmark(benchmark_label(name), source, answer_format or default_format, problems)
+
+
+def benchmark_label(name: str) -> str:
+    """How results name a benchmark: its registry name, or a local file's name without the extension."""
+    return name if name in BENCHMARKS else os.path.splitext(os.path.basename(name))[0]
 
 
 def chat_messages(problem: str, instruction: str = BOXED_INSTRUCTION) -> list[dict]:
@@ -225,9 +229,8 @@ def _sample_batches(model, tokenizer, messages: list[list[dict]], args: EvalArgu
                 )
             width = batch["input_ids"].shape[1]
             for i in range(0, out.shape[0], args.k):
+                # Padding only follows an end-of-sequence token, so cutting there also drops it.
                 completions = [_end_after_eos(row[width:], eos_ids) for row in out[i : i + args.k]]
-                completions = [c[c != tokenizer.pad_token_id] if tokenizer.pad_token_id not in eos_ids else c
-                               for c in completions]
                 texts.append([tokenizer.decode(c, skip_special_tokens=True) for c in completions])
                 lengths.append([len(c) for c in completions])
                 truncated.append([len(c) >= args.max_new_tokens and int(c[-1]) not in eos_ids for c in completions])

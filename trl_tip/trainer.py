@@ -445,14 +445,14 @@ class TIPGKDTrainer(DistillationTrainer):
         from accelerate.utils import broadcast_object_list
         from trl.models.utils import unwrap_model_for_generation
 
-        from .math_eval import evaluate
+        from .math_eval import benchmark_label, evaluate
 
         results = []
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as student:
             if self.accelerator.is_main_process:
                 for name in self.args.benchmarks:
-                    label = name if "/" not in name and "." not in name else os.path.splitext(os.path.basename(name))[0]
-                    arguments = self.args.benchmark_arguments(name, os.path.join(self.args.output_dir, "eval", label))
+                    output_dir = os.path.join(self.args.output_dir, "eval", benchmark_label(name))
+                    arguments = self.args.benchmark_arguments(name, output_dir)
                     results.append(evaluate(arguments, model=student, tokenizer=self.processing_class))
             self.accelerator.wait_for_everyone()
         student.train()
