@@ -73,10 +73,3 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "math500.jsonl").is_file():
         raise FileNotFoundError(f"The evaluation data is expected at {SHARED_DATA} (the checkout's ../shared/data).")
     return SHARED_DATA
-
-
-def read_jsonl(path) -> list[dict]:
-    import json
-
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import read_jsonl
+from trl_tip._files import read_jsonl
 from trl_tip.math_eval import BENCHMARKS, EvalArguments, chat_messages, evaluate, load_benchmark, score_results_file
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_jsonl
+from trl_tip._files import read_jsonl
 from trl_tip.grading import answers_match, extract_answer, grade, gsm8k_reference, last_boxed, score_samples
 from trl_tip.math_eval import score_results_file
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from hub_server import HubServer
+from trl_tip._files import read_jsonl
 
 
 TESTS = Path(__file__).parent
@@ -84,10 +85,6 @@ def read_back(hub, tmp_path, model_id, stats_id, revision=None) -> dict:
                hub_env(hub, tmp_path / "reader"))
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in open(path)]
 
 
 def test_push_a_finished_run_and_read_it_back(tiny_run, tmp_path):

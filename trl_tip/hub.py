@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from ._files import STAGING_SUFFIX
+
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -25,7 +27,7 @@ STATS_CONFIGS = ("steps", "histogram")
 STATS_TAGS = ["trl-tip", "tip", "distillation", "quadrant-statistics"]
 # What a run folder holds that does not belong in the model repo: transformers' own exclusions (checkpoints, "_*"),
 # plus staging files of interrupted writes.
-IGNORED_IN_MODEL_REPO = ["checkpoint-*", "_*", "*.incomplete", "**/*.incomplete"]
+IGNORED_IN_MODEL_REPO = ["checkpoint-*", "_*", f"*{STAGING_SUFFIX}", f"**/*{STAGING_SUFFIX}"]
 
 
 class HubPushError(RuntimeError):

@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from ._files import read_jsonl, write_jsonl_atomically, write_text_atomically
 from .grading import ANSWER_FORMATS, grade, gsm8k_reference, score_samples
 
 
@@ -286,13 +287,6 @@ def _default_output_dir(model: str, benchmark: str) -> str:
     return os.path.join("eval_results", label.replace("/", "__"), benchmark)
 
 
-def _write_atomically(path: str, text: str) -> None:
-    staging = path + ".incomplete"
-    with open(staging, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(staging, path)
-
-
 def evaluate(args: EvalArguments, model=None, tokenizer=None) -> dict:
     """
     Runs one benchmark and writes `results.jsonl` and `summary.json`; returns the summary.
@@ -339,8 +333,8 @@ def evaluate(args: EvalArguments, model=None, tokenizer=None) -> dict:
     }
     output_dir = args.output_dir or _default_output_dir(args.model, benchmark.name)
     os.makedirs(output_dir, exist_ok=True)
-    _write_atomically(os.path.join(output_dir, "results.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
-    _write_atomically(os.path.join(output_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    write_jsonl_atomically(os.path.join(output_dir, "results.jsonl"), rows)
+    write_text_atomically(os.path.join(output_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
     summary["output_dir"] = output_dir
     return summary
 
@@ -354,8 +348,7 @@ def summarize_results(rows: list[dict]) -> dict:
 
 def score_results_file(path: str) -> dict:
     """Recomputes the scores of a `results.jsonl` written by `evaluate`."""
-    with open(path, encoding="utf-8") as f:
-        return summarize_results([json.loads(line) for line in f if line.strip()])
+    return summarize_results(read_jsonl(path))
 
 
 def format_summary(summary: dict) -> str:

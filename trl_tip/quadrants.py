@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from ._checks import check_choice
+from ._files import write_jsonl_atomically, write_text_atomically
 from .stats import TokenStats
 
 
@@ -331,18 +332,11 @@ class QuadrantTracker:
         """Writes `steps.jsonl`, `histogram.jsonl` (both `datasets.load_dataset("json", ...)`-loadable) and the full
         `tracker.json` state to `directory`, each through a temporary file so a crash never leaves a half file."""
         os.makedirs(directory, exist_ok=True)
-        _atomic_write(os.path.join(directory, "tracker.json"), json.dumps(self.state_dict()))
+        write_text_atomically(os.path.join(directory, "tracker.json"), json.dumps(self.state_dict()))
         for name, rows in (("steps", self.step_rows()), ("histogram", self.histogram_rows())):
-            _atomic_write(os.path.join(directory, f"{name}.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+            write_jsonl_atomically(os.path.join(directory, f"{name}.jsonl"), rows)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> QuadrantTracker:
         with open(os.path.join(directory, "tracker.json")) as f:
             return cls.from_state_dict(json.load(f))
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
