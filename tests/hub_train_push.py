@@ -1,12 +1,12 @@
 """Trains tiny models with `push_to_hub=True` against the Hub at HF_ENDPOINT and pushes at the end, as a user's script
 would; runs in its own process because huggingface_hub reads HF_ENDPOINT when it is imported.
-Usage: python hub_train_push.py <output_dir> <hub_model_id>
+Usage: python hub_train_push.py <output_dir> <hub_model_id> [<revision>]
 """
 
 import sys
 
 
-def main(output_dir, hub_model_id):
+def main(output_dir, hub_model_id, revision=None):
     from trl_tip import TIPConfig, TIPGKDTrainer
     from trl_tip.testing import tiny_causal_lm, tiny_math_dataset, tiny_tokenizer
 
@@ -22,7 +22,7 @@ def main(output_dir, hub_model_id):
         args=args, train_dataset=tiny_math_dataset(8), processing_class=tokenizer,
     )
     trainer.train()
-    trainer.push_to_hub(dataset_name="tiny-sums")
+    trainer.push_to_hub(dataset_name="tiny-sums", revision=revision)
     print("PUSHED", trainer.hub_model_id, trainer.tip_stats_dataset_id)
 
 

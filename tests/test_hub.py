@@ -211,6 +211,15 @@ def test_trainer_push_to_hub_pushes_the_student_and_the_statistics(tmp_path):
     assert TOKEN not in done.stdout + done.stderr
 
 
+def test_trainer_push_to_hub_to_a_branch(tmp_path):
+    with HubServer(tmp_path / "hub", TOKEN) as hub:
+        done = run([str(TESTS / "hub_train_push.py"), str(tmp_path / "run"), "tiny-branch", "v1"], hub_env(hub, tmp_path))
+        assert done.returncode == 0, done.stderr[-4000:]
+        assert {"model.safetensors", "README.md"} <= set(hub.files("model", "tester/tiny-branch", "v1"))
+        assert set(hub.files("model", "tester/tiny-branch", "main")) == {".gitattributes"}
+        assert {"README.md", "quadrants.png"} <= set(hub.files("dataset", "tester/tiny-branch-tip-stats", "v1"))
+
+
 def test_tiny_run_card_matches_the_golden_file(pristine_run):
     from huggingface_hub import ModelCard
 

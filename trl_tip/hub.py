@@ -90,6 +90,14 @@ def with_retries(call: Callable[[], T], what: str, attempts: int = 5, wait: floa
     raise AssertionError("unreachable")
 
 
+def ensure_branch(api, repo_id: str, revision: str | None, repo_type: str = "model", attempts: int = 5,
+                  wait: float = 2.0) -> None:
+    """Creates the branch `revision` of a repo from `main` when it is missing (uploads to a missing branch fail)."""
+    if revision:
+        with_retries(lambda: api.create_branch(repo_id, repo_type=repo_type, branch=revision, exist_ok=True),
+                     f"Creating the {repo_type} branch {revision!r}", attempts, wait)
+
+
 def check_run_folder(run_dir: str) -> None:
     """A pushable run folder holds a saved model (or adapter) and `tip_stats/tracker.json`."""
     missing = []
@@ -143,9 +151,7 @@ def push_stats_dataset(
         lambda: api.create_repo(dataset_id, repo_type="dataset", private=private, exist_ok=True), "Creating the dataset repo",
         attempts, wait,
     ).repo_id
-    if revision:
-        with_retries(lambda: api.create_branch(dataset_id, repo_type="dataset", branch=revision, exist_ok=True),
-                     "Creating the dataset branch", attempts, wait)
+    ensure_branch(api, dataset_id, revision, repo_type="dataset", attempts=attempts, wait=wait)
     for config in STATS_CONFIGS:
         with_retries(
             lambda: data[config].push_to_hub(
@@ -211,9 +217,7 @@ def push_run(
     model_id = with_retries(lambda: api.create_repo(model_id, private=private, exist_ok=True), "Creating the model repo",
                             attempts, wait).repo_id
     stats_id = _same_namespace(stats_id or default_stats_id(model_id), model_id)
-    if revision:
-        with_retries(lambda: api.create_branch(model_id, branch=revision, exist_ok=True), "Creating the model branch",
-                     attempts, wait)
+    ensure_branch(api, model_id, revision, attempts=attempts, wait=wait)
     rerender_student_card(run_dir, stats_dataset=stats_id)
     print(f"Pushing the student in {run_dir} to {api.endpoint}/{model_id} ...")
     with_retries(

@@ -382,7 +382,7 @@ class TIPGKDTrainer(DistillationTrainer):
         and `histogram`, the plot, a card linking back). Hub calls are retried on 5xx and timeouts; if the push still
         fails, `trl-tip push <output_dir> --model-id ...` completes it from the saved run.
         """
-        from .hub import push_stats_dataset, require_token, with_retries
+        from .hub import ensure_branch, push_stats_dataset, require_token, with_retries
 
         token = require_token(token or self.args.hub_token)
         if revision and self.is_world_process_zero():
@@ -390,8 +390,7 @@ class TIPGKDTrainer(DistillationTrainer):
 
             if self.hub_model_id is None:
                 self.init_hf_repo(token=token)
-            api = HfApi(token=token)
-            with_retries(lambda: api.create_branch(self.hub_model_id, branch=revision, exist_ok=True), "Creating the branch")
+            ensure_branch(HfApi(token=token), self.hub_model_id, revision)
         commit = with_retries(
             lambda: super(TIPGKDTrainer, self).push_to_hub(
                 commit_message=commit_message, blocking=True, token=token, revision=revision, **kwargs
