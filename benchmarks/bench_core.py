@@ -55,7 +55,9 @@ def run_case(case, x, beta):
 
     if case == "full_logit_gjsd":
         logits_s, logits_t = x["h_s"] @ x["w_s"].T, x["h_t"] @ x["w_t"].T
-        loss = GKDTrainer.generalized_jsd_loss(logits_s, logits_t, labels=torch.where(x["mask"] == 1, 0, -100), beta=beta)
+        loss = GKDTrainer.generalized_jsd_loss(
+            logits_s, logits_t, labels=torch.where(x["mask"] == 1, 0, -100), beta=beta
+        )
     elif case == "trl_chunked@100%":
         loss = _chunked_divergence_loss(x["h_s"], x["h_t"], x["w_s"], x["w_t"], x["mask"], beta)[0]
     else:
@@ -115,7 +117,9 @@ def main():
         return
 
     b, c, h_s, h_t, v = SHAPES[args.shape]
-    print(f"shape {args.shape}: {b} x {c} tokens, H_s={h_s}, H_t={h_t}, V={v}, {dtype} on {args.device}, beta={args.beta}")
+    print(
+        f"shape {args.shape}: {b} x {c} tokens, H_s={h_s}, H_t={h_t}, V={v}, {dtype} on {args.device}, beta={args.beta}"
+    )
     print(f"{'case':<20}{'time (s)':>10}{'peak (MiB)':>12}")
     results = []
     for case in args.cases:

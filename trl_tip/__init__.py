@@ -1,14 +1,44 @@
-"""trl-tip: TIP (token importance in on-policy distillation) for Hugging Face TRL."""
+"""trl-tip: TIP (token importance in on-policy distillation) for Hugging Face TRL.
 
-from .loss import masked_gjsd_loss
-from .quadrants import QUADRANT_NAMES, HistogramSpec, QuadrantCounts, QuadrantTracker, classify_quadrants
-from .selectors import SELECTORS, Selection, TokenSelector, build_selector, resolve_selection
-from .stats import TokenStats, compute_token_stats
+Layers, bottom up: `trl_tip.core` (the math, no trainer), `trl_tip.trainer` (`TIPConfig`, `TIPGKDTrainer`),
+`trl_tip.eval` (benchmarks and grading), `trl_tip.hub` (publishing), `trl_tip.demo` (the embedded CPU demo).
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .core import (
+    QUADRANT_NAMES,
+    SELECTORS,
+    AllTokens,
+    DivergenceTopK,
+    EntropySampling,
+    EntropyTopK,
+    HistogramSpec,
+    Q3Overconfidence,
+    QuadrantCounts,
+    QuadrantSelector,
+    QuadrantTracker,
+    RandomTokens,
+    RatioSelector,
+    Selection,
+    SoftOr,
+    SoftOrBottom,
+    TokenSelector,
+    TokenStats,
+    build_selector,
+    classify_quadrants,
+    clip_and_minmax,
+    compute_token_stats,
+    kept_per_sequence,
+    masked_gjsd_loss,
+    resolve_selection,
+    top_k_mask,
+)
 
 
-# The training glue (TRL's trainer, transformers, accelerate) loads on first use, so the math modules above can be
-# imported, read and tested without it, as TRL does with its own lazy module.
-_LAZY = {"TIPConfig": ".config", "TIPGKDTrainer": ".trainer"}
+# The training glue (TRL's trainer, transformers, accelerate) loads on first use, so the math above can be imported,
+# read and tested without it, as TRL does with its own lazy module.
+_LAZY = {"TIPConfig": ".trainer", "TIPGKDTrainer": ".trainer"}
 
 
 def __getattr__(name):
@@ -19,22 +49,38 @@ def __getattr__(name):
     raise AttributeError(f"module 'trl_tip' has no attribute {name!r}")
 
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("trl-tip")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0.0.0+unknown"
 
 __all__ = [
     "QUADRANT_NAMES",
     "SELECTORS",
+    "AllTokens",
+    "DivergenceTopK",
+    "EntropySampling",
+    "EntropyTopK",
     "HistogramSpec",
+    "Q3Overconfidence",
     "QuadrantCounts",
+    "QuadrantSelector",
     "QuadrantTracker",
+    "RandomTokens",
+    "RatioSelector",
     "Selection",
-    "TokenSelector",
+    "SoftOr",
+    "SoftOrBottom",
     "TIPConfig",
     "TIPGKDTrainer",
+    "TokenSelector",
     "TokenStats",
     "build_selector",
     "classify_quadrants",
+    "clip_and_minmax",
     "compute_token_stats",
+    "kept_per_sequence",
     "masked_gjsd_loss",
     "resolve_selection",
+    "top_k_mask",
 ]

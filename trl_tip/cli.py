@@ -17,7 +17,9 @@ COMMANDS = {
 
 def tiny_models(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="trl-tip tiny-models", description=COMMANDS["tiny-models"])
-    parser.add_argument("--output-dir", default="outputs/tiny-models", help="Folder for student/, teacher/, prompts.jsonl")
+    parser.add_argument(
+        "--output-dir", default="outputs/tiny-models", help="Folder for student/, teacher/, prompts.jsonl"
+    )
     parser.add_argument("--num-prompts", type=int, default=64)
     args = parser.parse_args(argv)
 
@@ -40,7 +42,13 @@ def tiny_models(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        lines = ["usage: trl-tip <command> [options]", "", "TIP: token importance in on-policy distillation.", "", "commands:"]
+        lines = [
+            "usage: trl-tip <command> [options]",
+            "",
+            "TIP: token importance in on-policy distillation.",
+            "",
+            "commands:",
+        ]
         lines += [f"  {name:<12} {text}" for name, text in COMMANDS.items()]
         lines += ["", "Run `trl-tip <command> --help` for a command's options."]
         print("\n".join(lines))
@@ -49,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     command, rest = argv[0], argv[1:]
     if command == "demo":
-        from .demo import main as demo_main
+        from .demo.command import main as demo_main
 
         demo_main(rest)
     elif command == "train":
@@ -57,11 +65,11 @@ def main(argv: list[str] | None = None) -> None:
 
         run(rest, prog="trl-tip train")
     elif command == "eval":
-        from .math_eval import main as eval_main
+        from .eval.benchmarks import main as eval_main
 
         eval_main(rest)
     elif command == "push":
-        from .hub import main as push_main
+        from .hub.push import main as push_main
 
         push_main(rest)
     elif command == "tiny-models":

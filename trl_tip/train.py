@@ -1,8 +1,8 @@
 """`trl-tip train`: TIP on-policy distillation from a YAML recipe, like `trl distillation --config ...`.
 
-    trl-tip train --config recipes/qwen3_8b_to_4b/soft_or_50.yaml [--flag value ...]
-    python -m trl_tip.train --config recipes/tiny_cpu.yaml
-    accelerate launch --config_file recipes/accelerate/zero3.yaml -m trl_tip.train --config <recipe>.yaml
+trl-tip train --config recipes/qwen3_8b_to_4b/soft_or_50.yaml [--flag value ...]
+python -m trl_tip.train --config recipes/tiny_cpu.yaml
+accelerate launch --config_file recipes/accelerate/zero3.yaml -m trl_tip.train --config <recipe>.yaml
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ PROMPT_COLUMNS = ("question", "problem")
 
 
 def make_parser(prog: str | None = None) -> TrlParser:
-    from .config import TIPConfig
+    from .trainer.tip_config import TIPConfig
 
     return TrlParser((ScriptArguments, TIPConfig, ModelConfig, DatasetMixtureConfig), prog=prog)
 
@@ -55,19 +55,23 @@ def load_prompt_dataset(name: str, config: str | None = None, streaming: bool = 
 def main(script_args, training_args, model_args, dataset_args):
     from trl import get_dataset, get_peft_config, get_quantization_config
 
-    from .trainer import TIPGKDTrainer
+    from .trainer.tip_trainer import TIPGKDTrainer
 
     if model_args.model_name_or_path is None:
-        raise ValueError("A student model is required: set `model_name_or_path` in the recipe or with --model_name_or_path.")
+        raise ValueError(
+            "A student model is required: set `model_name_or_path` in the recipe or with --model_name_or_path."
+        )
     if training_args.teacher_model_name_or_path is None:
-        raise ValueError("A teacher model is required: set `teacher_model_name_or_path` in the recipe or on the command line.")
+        raise ValueError(
+            "A teacher model is required: set `teacher_model_name_or_path` in the recipe or on the command line."
+        )
 
-    init_kwargs = dict(
-        revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-        dtype=model_args.dtype,
-    )
+    init_kwargs = {
+        "revision": model_args.model_revision,
+        "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+    }
     training_args.model_init_kwargs = {**init_kwargs, **(training_args.model_init_kwargs or {})}
     teacher_kwargs = {**init_kwargs, "revision": training_args.teacher_model_revision}
     training_args.teacher_model_init_kwargs = {**teacher_kwargs, **(training_args.teacher_model_init_kwargs or {})}
@@ -75,7 +79,9 @@ def main(script_args, training_args, model_args, dataset_args):
     if dataset_args.datasets:
         dataset = get_dataset(dataset_args)
     elif script_args.dataset_name:
-        dataset = load_prompt_dataset(script_args.dataset_name, script_args.dataset_config, script_args.dataset_streaming)
+        dataset = load_prompt_dataset(
+            script_args.dataset_name, script_args.dataset_config, script_args.dataset_streaming
+        )
     else:
         raise ValueError("A dataset is required: set `dataset_name` (Hub id, .jsonl file or folder) or `datasets`.")
     if script_args.dataset_train_split not in dataset:

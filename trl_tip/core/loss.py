@@ -1,0 +1,215 @@
+"""The masked generalized-JSD loss: TRL's chunked divergence, evaluated only on the tokens a selector kept."""
+
+from __future__ import annotations
+
+import torch
+
+from .checks import check_beta, check_choice, check_finite, check_projection_inputs, check_temperature
+from .stats import TokenStats, projection_signature
+from .trl_kernels import (
+    ChunkedDivergenceFunction,
+    DivergenceFromStats,
+    compute_dtype,
+    kernel_arguments,
+    materialize_lm_head,
+)
+
+
+LOSS_NORMALIZATIONS = ("selected", "all")
+
+
+def masked_gjsd_loss(
+    student_hidden_states: torch.Tensor,
+    teacher_hidden_states: torch.Tensor,
+    student_lm_head_weight: torch.Tensor,
+    teacher_lm_head_weight: torch.Tensor,
+    selected_mask: torch.Tensor,
+    *,
+    beta: float = 1.0,
+    temperature: float = 1.0,
+    token_weights: torch.Tensor | None = None,
+    normalization: str = "selected",
+    valid_mask: torch.Tensor | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    student_lm_head_bias: torch.Tensor | None = None,
+    teacher_lm_head_bias: torch.Tensor | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_final_logit_softcapping: float | None = None,
+    teacher_final_logit_softcapping: float | None = None,
+    stats: TokenStats | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    Generalized JSD between student and teacher over the selected completion tokens only.
+
+    The selected positions are compacted before the vocabulary projection, so compute scales with the kept count,
+    and TRL's [`~trl.kernels.chunked_divergence.ChunkedDivergenceFunction`] projects them on fp32 tiles, so memory
+    never scales with tokens x vocabulary. The gradient reaches the student hidden states, head weight and bias; the
+    teacher receives none.
+
+    Args:
+        student_hidden_states (`torch.Tensor`):
+            Student backbone output `(B, C, H_s)` aligned to the completion tokens.
+        teacher_hidden_states (`torch.Tensor`):
+            Teacher backbone output `(B, C, H_t)` aligned to the same tokens.
+        student_lm_head_weight (`torch.Tensor`):
+            Student `lm_head` weight `(V, H_s)`.
+        teacher_lm_head_weight (`torch.Tensor`):
+            Teacher `lm_head` weight `(V, H_t)`.
+        selected_mask (`torch.Tensor`):
+            `(B, C)` mask of the tokens that enter the loss (TRL's `completion_mask` at 100% selection).
+        beta (`float`, *optional*, defaults to `1.0`):
+            `0.0` forward KL(T || S), `1.0` reverse KL(S || T) (TIP's loss), in between the generalized JSD with
+            mixture `(1 - beta) P_S + beta P_T`; TRL's convention.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Softmax temperature for both models.
+        token_weights (`torch.Tensor`, *optional*):
+            `(B, C)` non-negative weights that multiply each selected token's divergence.
+        normalization (`str`, *optional*, defaults to `"selected"`):
+            Local denominator when `num_items_in_batch` is not given: `"selected"` divides by the number of selected
+            tokens (the paper's rule), `"all"` by the number of valid tokens in `valid_mask` (plain OPD's scale).
+        valid_mask (`torch.Tensor`, *optional*):
+            `(B, C)` mask of all valid completion tokens; required for `normalization="all"`.
+        num_items_in_batch (`torch.Tensor` or `int`, *optional*):
+            Global denominator (across gradient accumulation and ranks), as TRL's `num_items_in_batch`: the loss is
+            `sum / num_items_in_batch`. The caller counts selected or valid tokens according to `normalization`.
+        student_lm_head_bias, teacher_lm_head_bias (`torch.Tensor`, *optional*):
+            `(V,)` head biases.
+        student_logit_scale, teacher_logit_scale (`float`, *optional*, defaults to `1.0`):
+            Logit multipliers, as TRL reads them from the model config.
+        student_final_logit_softcapping, teacher_final_logit_softcapping (`float`, *optional*):
+            Gemma-style logit softcapping.
+        stats ([`~trl_tip.TokenStats`], *optional*):
+            The output of [`~trl_tip.compute_token_stats`] on these same inputs, temperature and transforms. For
+            `beta` 0 or 1 its divergences and log-normalizers are reused, so only the backward projects the kept
+            tokens; otherwise it is ignored.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor, torch.Tensor]`: the scalar loss, the detached sum of the selected tokens'
+        (weighted) divergence, and the local number of selected tokens. Sums are returned so callers can reduce
+        across ranks.
+    """
+    check_projection_inputs(
+        student_hidden_states,
+        teacher_hidden_states,
+        student_lm_head_weight,
+        teacher_lm_head_weight,
+        selected_mask,
+        "selected_mask",
+        student_lm_head_bias,
+        teacher_lm_head_bias,
+    )
+    beta = check_beta(beta)
+    temperature = check_temperature(temperature)
+    check_choice("normalization", normalization, LOSS_NORMALIZATIONS)
+    selected = (selected_mask != 0).reshape(-1)
+    if valid_mask is not None:
+        if tuple(valid_mask.shape) != tuple(selected_mask.shape):
+            raise ValueError(
+                f"`valid_mask` must have shape {tuple(selected_mask.shape)} like `selected_mask`; got "
+                f"{tuple(valid_mask.shape)}."
+            )
+        if bool((selected & (valid_mask == 0).reshape(-1).to(selected.device)).any()):
+            raise ValueError(
+                "`selected_mask` selects tokens that `valid_mask` marks invalid (padding or tool output)."
+            )
+    elif normalization == "all" and num_items_in_batch is None:
+        raise ValueError('`normalization="all"` needs `valid_mask` (or a global `num_items_in_batch`).')
+
+    h_s = student_hidden_states.reshape(-1, student_hidden_states.size(-1))[selected]
+    h_t = teacher_hidden_states.reshape(-1, teacher_hidden_states.size(-1))[selected].detach()
+    check_finite("student_hidden_states", h_s.detach())
+    check_finite("teacher_hidden_states", h_t)
+    weights = None
+    if token_weights is not None:
+        if tuple(token_weights.shape) != tuple(selected_mask.shape):
+            raise ValueError(
+                f"`token_weights` must have shape {tuple(selected_mask.shape)} like `selected_mask`; got "
+                f"{tuple(token_weights.shape)}."
+            )
+        weights = token_weights.reshape(-1)[selected].to(torch.float32)
+        check_finite("token_weights", weights)
+        if bool((weights < 0).any()):
+            raise ValueError("`token_weights` must be non-negative.")
+
+    student_lm_head_weight, student_lm_head_bias = materialize_lm_head(
+        student_lm_head_weight, student_lm_head_bias, compute_dtype(student_hidden_states)
+    )
+    teacher_lm_head_weight, teacher_lm_head_bias = materialize_lm_head(
+        teacher_lm_head_weight, teacher_lm_head_bias, compute_dtype(teacher_hidden_states)
+    )
+    kernel_args = kernel_arguments(
+        temperature,
+        student_logit_scale,
+        teacher_logit_scale,
+        student_final_logit_softcapping,
+        teacher_final_logit_softcapping,
+    )
+    # Called even with nothing selected: under ZeRO-3 the functions gather the heads, a collective every rank joins,
+    # and an empty input still yields a zero loss connected to the student's graph. The teacher's head is passed as
+    # the parameter itself (both functions return no gradient for it): ZeRO-3's gather needs the parameter object.
+    if stats is not None and beta in (0.0, 1.0):
+        _check_reusable(stats, selected_mask, selected, temperature, kernel_args)
+        divergence = stats.reverse_kl if beta == 1.0 else stats.forward_kl
+        per_token_divergence = DivergenceFromStats.apply(
+            h_s,
+            student_lm_head_weight,
+            student_lm_head_bias,
+            h_t,
+            teacher_lm_head_weight,
+            teacher_lm_head_bias,
+            divergence.reshape(-1)[selected].detach(),
+            stats.student_log_z.reshape(-1)[selected].detach(),
+            stats.teacher_log_z.reshape(-1)[selected].detach(),
+            beta,
+            kernel_args,
+            (compute_dtype(student_hidden_states), compute_dtype(teacher_hidden_states)),
+        )
+    else:
+        per_token_divergence, _ = ChunkedDivergenceFunction.apply(
+            h_s,
+            student_lm_head_weight,
+            student_lm_head_bias,
+            h_t,
+            teacher_lm_head_weight,
+            teacher_lm_head_bias,
+            beta,
+            temperature,
+            student_logit_scale,
+            student_final_logit_softcapping,
+            teacher_logit_scale,
+            teacher_final_logit_softcapping,
+        )
+    if weights is not None:
+        per_token_divergence = per_token_divergence * weights
+    loss_sum = per_token_divergence.sum()
+    num_selected = selected.sum()
+
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(loss_sum.device)
+        loss = loss_sum / num_items_in_batch
+    else:
+        denominator = num_selected if normalization == "selected" else (valid_mask != 0).sum().to(loss_sum.device)
+        # Clamped so an all-masked micro-batch reduces to a finite zero rather than 0 / 0.
+        loss = loss_sum / denominator.clamp(min=1)
+    return loss, loss_sum.detach(), num_selected
+
+
+def _check_reusable(stats, selected_mask, selected, temperature, kernel_args) -> None:
+    if tuple(stats.mask.shape) != tuple(selected_mask.shape):
+        raise ValueError(
+            f"`stats` covers shape {tuple(stats.mask.shape)} but `selected_mask` has {tuple(selected_mask.shape)}."
+        )
+    if stats.student_log_z is None or stats.teacher_log_z is None or stats.projection is None:
+        raise ValueError(
+            "`stats` lacks log-normalizers; pass the output of `compute_token_stats` or leave `stats` unset."
+        )
+    expected = projection_signature(temperature, kernel_args)
+    if stats.projection != expected:
+        raise ValueError(
+            f"`stats` were computed with {stats.projection} but the loss uses {expected}; recompute them with the "
+            "same temperature and logit transforms."
+        )
+    if bool((selected & ~stats.mask.reshape(-1).to(selected.device)).any()):
+        raise ValueError("`selected_mask` selects tokens that `stats.mask` marks invalid (padding or tool output).")

@@ -1,0 +1,238 @@
+"""Per-token TIP statistics: student entropy, reverse KL and forward KL, from one chunked no-grad pass.
+
+The two TIP axes (entropy and divergence, `TIP_SPEC.md`) and the forward KL used by the Q3 score all follow from the
+same online-logsumexp folds that TRL's `ChunkedDivergenceFunction` runs in its forward: the student and teacher
+normalizers, the student's `E_s[z_s]`, and the two cross terms `E_s[z_t - z_s]` and `E_t[z_t - z_s]`. TRL's function
+returns only one divergence, so this module drives TRL's own tile projection and fold (through `trl_kernels`, the one
+adapter to TRL's private tile helpers) and reads all three statistics from the same accumulators.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from .checks import check_finite, check_projection_inputs, check_temperature
+from .trl_kernels import (
+    TOKEN_CHUNK_SIZE,
+    VOCAB_CHUNK_SIZE,
+    compute_dtype,
+    fold_tile,
+    kernel_arguments,
+    materialize_lm_head,
+    maybe_gather_lm_head_ctx,
+    project_tile,
+)
+
+
+@dataclass
+class TokenStats:
+    """
+    Per-token statistics of a micro-batch of completions, all of shape `(B, C)` and zero where `mask` is `False`.
+
+    Args:
+        entropy (`torch.Tensor`):
+            Student entropy `H(P_S)` in nats (float32).
+        reverse_kl (`torch.Tensor`):
+            `KL(P_S || P_T)` in nats, the TIP divergence axis (float32).
+        forward_kl (`torch.Tensor`):
+            `KL(P_T || P_S)` in nats, used by the Q3 overconfidence score (float32).
+        mask (`torch.Tensor`):
+            Boolean mask of the valid completion tokens (not padding, not tool output).
+        student_log_z, teacher_log_z (`torch.Tensor`, *optional*):
+            Log-partition functions of the two models' tempered logits, set by [`compute_token_stats`] so that
+            [`~trl_tip.core.loss.masked_gjsd_loss`] can skip its own forward projection for the KL endpoints.
+        projection (`dict`, *optional*):
+            Temperature and logit transforms the statistics were computed with, checked when they are reused.
+    """
+
+    entropy: torch.Tensor
+    reverse_kl: torch.Tensor
+    forward_kl: torch.Tensor
+    mask: torch.Tensor
+    student_log_z: torch.Tensor | None = field(default=None, repr=False)
+    teacher_log_z: torch.Tensor | None = field(default=None, repr=False)
+    projection: dict[str, Any] | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        shape = tuple(self.mask.shape)
+        if len(shape) != 2:
+            raise ValueError(f"`mask` must have shape (B, C); got {shape}.")
+        for name in self._tensor_fields():
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != shape:
+                raise ValueError(f"`{name}` must have shape {shape} like `mask`; got {tuple(value.shape)}.")
+        if self.mask.dtype != torch.bool:
+            self.mask = self.mask != 0
+
+    @classmethod
+    def _tensor_fields(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name != "projection"]
+
+    @property
+    def num_valid(self) -> int:
+        return int(self.mask.sum())
+
+    def to(self, device) -> TokenStats:
+        moved = {name: getattr(self, name) for name in self._tensor_fields()}
+        moved = {name: None if value is None else value.to(device) for name, value in moved.items()}
+        return TokenStats(**moved, projection=self.projection)
+
+
+@torch.no_grad()
+def compute_token_stats(
+    student_hidden_states: torch.Tensor,
+    teacher_hidden_states: torch.Tensor,
+    student_lm_head_weight: torch.Tensor,
+    teacher_lm_head_weight: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    student_lm_head_bias: torch.Tensor | None = None,
+    teacher_lm_head_bias: torch.Tensor | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_final_logit_softcapping: float | None = None,
+    teacher_final_logit_softcapping: float | None = None,
+    token_chunk_size: int = TOKEN_CHUNK_SIZE,
+    vocab_chunk_size: int = VOCAB_CHUNK_SIZE,
+) -> TokenStats:
+    """
+    Computes student entropy, `KL(S || T)` and `KL(T || S)` for every valid completion token without building logits.
+
+    Only the valid positions are projected, on `[token_chunk_size, vocab_chunk_size]` fp32 tiles, so peak memory is
+    two such tiles plus `O(N)` accumulators whatever the sequence length and vocabulary. No gradient is recorded.
+
+    Args:
+        student_hidden_states (`torch.Tensor`):
+            Student backbone output `(B, C, H_s)`, aligned to the completion tokens (before the `lm_head`).
+        teacher_hidden_states (`torch.Tensor`):
+            Teacher backbone output `(B, C, H_t)`, aligned to the same tokens.
+        student_lm_head_weight (`torch.Tensor`):
+            Student `lm_head` weight `(V, H_s)`.
+        teacher_lm_head_weight (`torch.Tensor`):
+            Teacher `lm_head` weight `(V, H_t)`.
+        mask (`torch.Tensor`):
+            `(B, C)` mask; non-zero marks a valid completion token.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Softmax temperature applied to both models' logits after scale and softcapping, as in TRL.
+        student_lm_head_bias, teacher_lm_head_bias (`torch.Tensor`, *optional*):
+            `(V,)` head biases.
+        student_logit_scale, teacher_logit_scale (`float`, *optional*, defaults to `1.0`):
+            Multipliers on the logits before softcapping (as TRL reads them from the model config).
+        student_final_logit_softcapping, teacher_final_logit_softcapping (`float`, *optional*):
+            Gemma-style `softcap * tanh(logits / softcap)`.
+        token_chunk_size, vocab_chunk_size (`int`, *optional*):
+            Tile shape; defaults are TRL's, so the pass peaks no higher than TRL's chunked loss.
+
+    Returns:
+        [`TokenStats`]: `(B, C)` float32 statistics, zero at invalid positions.
+    """
+    check_projection_inputs(
+        student_hidden_states,
+        teacher_hidden_states,
+        student_lm_head_weight,
+        teacher_lm_head_weight,
+        mask,
+        "mask",
+        student_lm_head_bias,
+        teacher_lm_head_bias,
+    )
+    temperature = check_temperature(temperature)
+    if token_chunk_size < 1 or vocab_chunk_size < 1:
+        raise ValueError(
+            f"`token_chunk_size` and `vocab_chunk_size` must be positive; got {token_chunk_size}, {vocab_chunk_size}."
+        )
+    device = student_hidden_states.device
+    valid = mask != 0
+    flat_valid = valid.reshape(-1)
+    h_s = student_hidden_states.detach().reshape(-1, student_hidden_states.size(-1))[flat_valid]
+    h_t = teacher_hidden_states.detach().reshape(-1, teacher_hidden_states.size(-1))[flat_valid]
+    check_finite("student_hidden_states", h_s)
+    check_finite("teacher_hidden_states", h_t)
+    s_dtype, t_dtype = compute_dtype(student_hidden_states), compute_dtype(teacher_hidden_states)
+    student_lm_head_weight, student_lm_head_bias = materialize_lm_head(
+        student_lm_head_weight, student_lm_head_bias, s_dtype
+    )
+    teacher_lm_head_weight, teacher_lm_head_bias = materialize_lm_head(
+        teacher_lm_head_weight, teacher_lm_head_bias, t_dtype
+    )
+
+    n_tokens = h_s.shape[0]
+    kernel_args = kernel_arguments(
+        temperature,
+        student_logit_scale,
+        teacher_logit_scale,
+        student_final_logit_softcapping,
+        teacher_final_logit_softcapping,
+    )
+
+    def zeros():
+        return torch.zeros((n_tokens,), device=device, dtype=torch.float32)
+
+    s_max, t_max = zeros() - math.inf, zeros() - math.inf
+    s_sum, s_x_sum, t_sum, t_weighted_gap, s_weighted_gap = zeros(), zeros(), zeros(), zeros(), zeros()
+    rows = min(n_tokens, token_chunk_size)
+    # ZeRO-3 gathers the heads even on a rank with no valid token, so every rank joins the collective.
+    with (
+        maybe_gather_lm_head_ctx(student_lm_head_weight, student_lm_head_bias),
+        maybe_gather_lm_head_ctx(teacher_lm_head_weight, teacher_lm_head_bias),
+    ):
+        vocab = student_lm_head_weight.shape[0]
+        vocab_cols = min(vocab, vocab_chunk_size)
+        s_buf = torch.empty((rows, vocab_cols), device=device, dtype=torch.float32)
+        t_buf = torch.empty((rows, vocab_cols), device=device, dtype=torch.float32)
+        for token_start in range(0, n_tokens, token_chunk_size):
+            token_end = min(token_start + token_chunk_size, n_tokens)
+            n = token_end - token_start
+            sl = slice(token_start, token_end)
+            chunk_s, chunk_t = h_s[sl].to(s_dtype), h_t[sl].to(t_dtype)
+            for start in range(0, vocab, vocab_chunk_size):
+                end = min(start + vocab_chunk_size, vocab)
+                s_tile, t_tile = s_buf[:n, : end - start], t_buf[:n, : end - start]
+                project_tile(s_tile, chunk_s, student_lm_head_weight, student_lm_head_bias, start, end, s_dtype)
+                project_tile(t_tile, chunk_t, teacher_lm_head_weight, teacher_lm_head_bias, start, end, t_dtype)
+                fold_tile(
+                    s_tile,
+                    t_tile,
+                    s_max[sl],
+                    s_sum[sl],
+                    s_x_sum[sl],
+                    t_max[sl],
+                    t_sum[sl],
+                    t_weighted_gap[sl],
+                    s_weighted_gap[sl],
+                    kernel_args,
+                )
+
+    s_log_z = s_max + torch.log(s_sum)
+    t_log_z = t_max + torch.log(t_sum)
+    # Rounding can leave a divergence a hair below zero; the log-divergence axis needs them non-negative.
+    entropy = (s_log_z - s_x_sum / s_sum).clamp_(min=0.0)
+    reverse_kl = (s_weighted_gap / s_sum - s_log_z + t_log_z).clamp_(min=0.0)
+    forward_kl = (t_weighted_gap / t_sum - t_log_z + s_log_z).clamp_(min=0.0)
+
+    def scatter(values: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(valid.shape, device=device, dtype=torch.float32)
+        out[valid] = values
+        return out
+
+    return TokenStats(
+        entropy=scatter(entropy),
+        reverse_kl=scatter(reverse_kl),
+        forward_kl=scatter(forward_kl),
+        mask=valid,
+        student_log_z=scatter(s_log_z),
+        teacher_log_z=scatter(t_log_z),
+        projection=projection_signature(temperature, kernel_args),
+    )
+
+
+def projection_signature(temperature: float, kernel_args: dict) -> dict:
+    """What statistics depend on besides the inputs: the temperature and both models' logit transforms. Stored in
+    `TokenStats.projection` and compared by the loss before it reuses them."""
+    transforms = ("s_scale", "s_softcap", "t_scale", "t_softcap", "S_HAS_SOFTCAP", "T_HAS_SOFTCAP")
+    return {"temperature": temperature, **{k: kernel_args[k] for k in transforms}}

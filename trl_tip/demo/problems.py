@@ -1,0 +1,135 @@
+"""Grade-school arithmetic word problems with exact integer answers, generated procedurally (no third-party text).
+
+Each problem starts from a quantity and applies `steps` operations, each phrased as a sentence; the answer is the
+final quantity. `digits` bounds the operands. The result is a `datasets.Dataset` in TRL's conversational prompt
+format, with a reference `completion` and the integer `answer`.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+
+NAMES = [
+    "Ava",
+    "Ben",
+    "Chloe",
+    "Diego",
+    "Emma",
+    "Farah",
+    "Gus",
+    "Hana",
+    "Ivan",
+    "Jade",
+    "Kofi",
+    "Lena",
+    "Milo",
+    "Nora",
+]
+PRONOUNS = {
+    "Ava": "She",
+    "Ben": "He",
+    "Chloe": "She",
+    "Diego": "He",
+    "Emma": "She",
+    "Farah": "She",
+    "Gus": "He",
+    "Hana": "She",
+    "Ivan": "He",
+    "Jade": "She",
+    "Kofi": "He",
+    "Lena": "She",
+    "Milo": "He",
+    "Nora": "She",
+}
+ITEMS = ["apples", "marbles", "stickers", "books", "coins", "pencils", "cookies", "stamps", "shells", "cards"]
+INSTRUCTION = "Answer with the final number only."
+_INTEGER = re.compile(r"-?\d[\d,]*")
+
+
+@dataclass
+class Problem:
+    question: str
+    answer: int
+
+
+def _operand(rng: random.Random, digits: int, low: int = 1) -> int:
+    return rng.randint(low, 10**digits - 1)
+
+
+def make_problem(rng: random.Random, steps: int = 1, digits: int = 1) -> Problem:
+    """One problem with `steps` operations on `digits`-digit operands; every intermediate value stays non-negative."""
+    if steps < 1 or digits < 1:
+        raise ValueError(f"`steps` and `digits` must be positive; got steps={steps}, digits={digits}.")
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    pronoun = PRONOUNS[name]
+    total = _operand(rng, digits, low=2)
+    sentences = [f"{name} has {total} {item}."]
+    for step in range(steps):
+        then = "Then " + pronoun.lower() if step else pronoun
+        kind = rng.choice(["add", "sub", "mul", "div"] if digits == 1 or total < 100 else ["add", "sub", "div"])
+        if kind == "add":
+            b = _operand(rng, digits)
+            sentences.append(f"{then} gets {b} more {item}.")
+            total += b
+        elif kind == "sub" and total > 1:
+            b = rng.randint(1, min(total - 1, 10**digits - 1))
+            sentences.append(f"{then} gives away {b} {item}.")
+            total -= b
+        elif kind == "mul" and total <= 50:
+            b = rng.randint(2, 4)
+            sentences.append(f"{then} ends up with {b} times as many {item}.")
+            total *= b
+        else:
+            divisors = [d for d in range(2, 6) if total % d == 0]
+            if divisors:
+                b = rng.choice(divisors)
+                sentences.append(f"{then} splits them into {b} equal piles and keeps one pile.")
+                total //= b
+            else:
+                b = _operand(rng, digits)
+                sentences.append(f"{then} finds {b} more {item}.")
+                total += b
+    sentences.append(f"How many {item} does {name} have now?")
+    return Problem(question=" ".join(sentences), answer=total)
+
+
+def make_problems(n: int, seed: int = 0, steps: int | tuple[int, int] = (1, 2), digits: int | tuple[int, int] = 1):
+    """`n` problems; `steps` and `digits` are fixed numbers or inclusive (low, high) ranges drawn per problem."""
+    if n < 1:
+        raise ValueError(f"`n` must be positive; got {n}.")
+    rng = random.Random(seed)
+
+    def draw(value):
+        return rng.randint(*value) if isinstance(value, tuple) else value
+
+    return [make_problem(rng, draw(steps), draw(digits)) for _ in range(n)]
+
+
+def to_dataset(problems: list[Problem]):
+    """Conversational `prompt`, reference `completion` and integer `answer` columns."""
+    from datasets import Dataset
+
+    return Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": f"{p.question} {INSTRUCTION}"}],
+                "completion": [{"role": "assistant", "content": str(p.answer)}],
+                "answer": p.answer,
+            }
+            for p in problems
+        ]
+    )
+
+
+def extract_integer(text: str) -> int | None:
+    """The last integer in `text` (thousands separators allowed), or None."""
+    matches = _INTEGER.findall(text)
+    if not matches:
+        return None
+    try:
+        return int(matches[-1].replace(",", ""))
+    except ValueError:
+        return None

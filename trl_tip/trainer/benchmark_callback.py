@@ -1,0 +1,52 @@
+"""After-training benchmarks (`TIPConfig.benchmarks`) as a `TrainerCallback`, the way transformers composes optional
+behaviour: the trainer adds the callback only when benchmarks are asked for."""
+
+from __future__ import annotations
+
+import os
+
+from transformers import TrainerCallback
+
+
+class BenchmarkCallback(TrainerCallback):
+    """At the end of training, runs [`evaluate_benchmarks`] on the trainer's student."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_end(self, args, state, control, **kwargs):
+        evaluate_benchmarks(self.trainer)
+
+
+def evaluate_benchmarks(trainer) -> list[dict]:
+    """
+    Evaluates the student on `args.benchmarks` (mean@k with math-verify, transformers backend, `benchmark_*`
+    settings), writes `<output_dir>/eval/<benchmark>/{results.jsonl,summary.json}`, logs `benchmark/<name>/*`
+    and keeps the summaries in `benchmark_results` for the model card's model-index.
+
+    The main process generates; under ZeRO-3 every process first gathers the full student (TRL's
+    `unwrap_model_for_generation`), so the others only wait.
+    """
+    from accelerate.utils import broadcast_object_list
+    from trl.models.utils import unwrap_model_for_generation
+
+    from ..eval.benchmarks import benchmark_label, evaluate
+
+    results = []
+    with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as student:
+        if trainer.accelerator.is_main_process:
+            for name in trainer.args.benchmarks:
+                output_dir = os.path.join(trainer.args.output_dir, "eval", benchmark_label(name))
+                arguments = trainer.args.benchmark_arguments(name, output_dir)
+                results.append(evaluate(arguments, model=student, tokenizer=trainer.processing_class))
+        trainer.accelerator.wait_for_everyone()
+    student.train()
+    results = broadcast_object_list([results])[0]
+    trainer.benchmark_results = results
+    metrics = {}
+    for summary in results:
+        k = summary["k"]
+        for key in (f"mean@{k}", f"mean@{k}_stderr", f"pass@{k}", "mean_response_tokens"):
+            metrics[f"benchmark/{summary['benchmark']}/{key}"] = summary[key]
+    trainer.log(metrics)
+    return results

@@ -1,0 +1,152 @@
+"""Publishing of `TIPGKDTrainer`: trl-tip's model card, `push_to_hub` with the quadrant-statistics dataset, and the
+run's recipe as `trl-tip train --config` YAML."""
+
+from __future__ import annotations
+
+import os
+
+from trl.trainer.utils import get_config_model_id
+
+
+class PublishingMixin:
+    """Model card and Hub push of [`TIPGKDTrainer`]; a mixin over TRL's `DistillationTrainer`."""
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None):
+        """
+        Writes `README.md` (and `quadrants.png`) to `output_dir`: trl-tip's card from `model_cards/student.md.j2`, with
+        the teacher, selector, loss, quadrant tables and training settings. TRL's own template lookup only sees
+        TRL's folder, hence the override. Extra `tags` are ignored: the card carries trl-tip's own.
+        """
+        if not self.is_world_process_zero():
+            return
+        from ..hub.model_card import write_student_card
+        from ..hub.plots import plot_quadrants
+
+        output_dir = self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        plot = None
+        if self.quadrant_tracker.steps:
+            plot_quadrants(self.quadrant_tracker, os.path.join(output_dir, "quadrants.png"))
+            plot = "quadrants.png"
+        student_id = get_config_model_id(self.model.config)
+        teacher_label = _model_label(self.accelerator.unwrap_model(self.teacher_model).config)
+        selector = self.token_selector
+        ratio = getattr(selector, "ratio", None)
+        write_student_card(
+            output_dir,
+            self.quadrant_tracker,
+            model_name=model_name or os.path.basename(os.path.normpath(output_dir)),
+            base_model=student_id if student_id and not os.path.isdir(student_id) else None,
+            license="apache-2.0",
+            datasets=[dataset_name] if dataset_name else [],
+            teacher=teacher_label,
+            student=_model_label(self.model.config),
+            selector=getattr(selector, "name", getattr(selector, "__name__", type(selector).__name__)),
+            selector_kwargs=self.args.token_selector_kwargs,
+            ratio_text="not ratio-based" if ratio is None else f"{100 * ratio:g}% of each rollout's valid tokens",
+            beta=self.args.beta,
+            temperature=self.args.temperature,
+            normalization=(
+                "the number of selected tokens" if self.args.loss_normalization == "selected" else "all valid tokens"
+            ),
+            training_data=dataset_name or "the trainer's prompt dataset",
+            steps=self.state.global_step,
+            learning_rate=self.args.learning_rate,
+            plot=plot,
+            evaluation=getattr(self, "benchmark_results", None) or [],
+            recipe=self._recipe_yaml(),
+            recipe_language="yaml",
+            stats_dataset=self.tip_stats_dataset_id if self.args.push_to_hub else None,
+        )
+
+    @property
+    def tip_stats_dataset_id(self) -> str | None:
+        """Where `push_to_hub` puts the quadrant statistics: `hub_stats_dataset_id`, else `<hub_model_id>-tip-stats`."""
+        from ..hub.push import _same_namespace, default_stats_id
+
+        model_id = self.hub_model_id or self.args.hub_model_id
+        if model_id is None:
+            return self.args.hub_stats_dataset_id
+        return _same_namespace(self.args.hub_stats_dataset_id or default_stats_id(model_id), model_id)
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token=None,
+        revision: str | None = None,
+        **kwargs,
+    ):
+        """
+        Pushes the student with transformers' `Trainer.push_to_hub` (model, tokenizer, trl-tip's model card linking
+        the statistics dataset), then the quadrant statistics as the dataset `tip_stats_dataset_id` (configs `steps`
+        and `histogram`, the plot, a card linking back). Hub calls are retried on 5xx and timeouts; if the push still
+        fails, `trl-tip push <output_dir> --model-id ...` completes it from the saved run.
+        """
+        from ..hub.push import ensure_branch, push_stats_dataset, require_token, with_retries
+
+        token = require_token(token or self.args.hub_token)
+        if revision and self.is_world_process_zero():
+            from huggingface_hub import HfApi
+
+            if self.hub_model_id is None:
+                self.init_hf_repo(token=token)
+            ensure_branch(HfApi(token=token), self.hub_model_id, revision)
+        commit = with_retries(
+            lambda: super(PublishingMixin, self).push_to_hub(
+                commit_message=commit_message, blocking=True, token=token, revision=revision, **kwargs
+            ),
+            "Pushing the student",
+        )
+        if self.is_world_process_zero():
+            push_stats_dataset(
+                self.args.output_dir,
+                self.tip_stats_dataset_id,
+                self.hub_model_id,
+                token=token,
+                private=bool(self.args.hub_private_repo),
+                revision=revision,
+            )
+        return commit
+
+    def _recipe_yaml(self) -> str:
+        """The settings that define the run, as a `trl-tip train --config` YAML."""
+        import yaml
+
+        args = self.args
+        fields = (
+            "teacher_model_name_or_path",
+            "token_selector",
+            "token_selector_kwargs",
+            "selection_ratio",
+            "selection_scope",
+            "loss_normalization",
+            "beta",
+            "temperature",
+            "lmbda",
+            "num_rollouts_per_prompt",
+            "learning_rate",
+            "lr_scheduler_type",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "max_completion_length",
+            "max_steps",
+            "num_train_epochs",
+            "seed",
+        )
+        recipe = {"model_name_or_path": _model_label(self.model.config)}
+        for name in fields:
+            value = getattr(args, name, None)
+            if value is not None:
+                # Enums (e.g. the scheduler type) are written as their plain values, as a recipe spells them.
+                recipe[name] = getattr(value, "value", value)
+        if recipe.get("teacher_model_name_or_path") is None:
+            recipe["teacher_model_name_or_path"] = _model_label(
+                self.accelerator.unwrap_model(self.teacher_model).config
+            )
+        return yaml.safe_dump(recipe, sort_keys=False).strip()
+
+
+def _model_label(config) -> str:
+    """The model's Hub id or path, or its architecture when it was built in memory and has neither."""
+    return get_config_model_id(config) or f"{config.model_type} model built in memory"

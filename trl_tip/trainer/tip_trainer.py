@@ -1,0 +1,306 @@
+"""`TIPGKDTrainer`: TRL's on-policy `DistillationTrainer`, training only on the tokens a TIP selector keeps."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from datasets import Dataset, IterableDataset
+from trl import DistillationTrainer
+from trl.trainer import distillation_trainer as trl_distillation
+
+from ..core.loss import masked_gjsd_loss
+from ..core.quadrants import QuadrantTracker
+from ..core.selectors import build_selector, resolve_selection
+from ..core.stats import compute_token_stats
+from ..utils.vllm_compat import apply_cpu_weight_sync_fix, vllm_engine_options
+from .benchmark_callback import BenchmarkCallback, evaluate_benchmarks
+from .publishing import PublishingMixin
+from .rollouts import RolloutMixin
+from .tip_config import TIPConfig
+
+
+TIP_STATS_DIR = "tip_stats"
+# Per-step metrics that go to the loggers; `tip_stats/` keeps every statistic.
+LOGGED_METRICS = ("selected_fraction", "entropy", "reverse_kl", "forward_kl", "quadrant_share/", "selected_share/")
+
+
+class TIPGKDTrainer(RolloutMixin, PublishingMixin, DistillationTrainer):
+    """
+    On-policy distillation with token importance (TIP): TRL's [`~trl.DistillationTrainer`] whose loss covers only the
+    completion tokens a [`~trl_tip.TokenSelector`] keeps.
+
+    Each micro-batch runs, inside TRL's own loss step (same hidden states, heads, logit scaling and masks): one
+    chunked no-grad pass for per-token student entropy and teacher-student KLs, the selector, the quadrant tracker,
+    and the chunked generalized-JSD loss on the kept tokens only. Everything else (vLLM rollouts, tool masks, PEFT,
+    gradient checkpointing, DeepSpeed ZeRO-3 teacher, gradient-accumulation-correct normalization) is TRL's.
+
+    Args:
+        model (`str` or `PreTrainedModel` or `PeftModel`):
+            The student, as for `DistillationTrainer`.
+        teacher_model (`str` or `PreTrainedModel`, *optional*):
+            The teacher; defaults to `args.teacher_model_name_or_path`. Required one way or the other.
+        args ([`TIPConfig`], *optional*):
+            Configuration; TIP's defaults when omitted.
+        train_dataset, eval_dataset, processing_class, callbacks, optimizers, quantization_config, peft_config, tools:
+            As for [`~trl.DistillationTrainer`].
+        token_selector (`str`, `dict`, [`~trl_tip.TokenSelector`] or callable, *optional*):
+            Overrides `args.token_selector`: a registry name, a `{"name": ..., **kwargs}` dict, a selector object or
+            any callable `fn(stats, generator) -> mask | (mask, weights)`.
+    """
+
+    _tag_names = ["trl", "distillation", "trl-tip", "tip"]
+    _name = "TIP"
+
+    def __init__(
+        self,
+        model,
+        teacher_model=None,
+        args: TIPConfig | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset=None,
+        processing_class=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+        tools: list[Callable] | None = None,
+        token_selector: Any = None,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = TIPConfig(f"{str(name).split('/')[-1]}-TIP")
+        elif not isinstance(args, TIPConfig):
+            raise TypeError(f"`args` must be a `TIPConfig`; got {type(args).__name__}. Build one with TIPConfig(...).")
+        if teacher_model is None:
+            teacher_model = args.teacher_model_name_or_path
+        if teacher_model is None:
+            raise ValueError(
+                "TIPGKDTrainer needs a teacher: pass `teacher_model=` (a model or a path/Hub id) or set "
+                "`teacher_model_name_or_path` in the TIPConfig."
+            )
+        if args.push_to_hub:
+            from ..hub.push import require_token
+
+            # transformers creates the Hub repo in __init__; without a token, say so before anything runs.
+            require_token(args.hub_token)
+        if args.lmbda < 1.0:
+            if tools:
+                raise ValueError(
+                    "`lmbda` < 1 (training on dataset completions) is not supported together with `tools`."
+                )
+            columns = getattr(train_dataset, "column_names", None) or []
+            if train_dataset is not None and "completion" not in columns:
+                raise ValueError(
+                    f"`lmbda`={args.lmbda} trains on the dataset's own completions part of the time, so the train "
+                    f"dataset needs a `completion` column (prompt/completion format); it has {columns}."
+                )
+        self.token_selector = build_selector(token_selector) if token_selector is not None else args.build_selector()
+
+        engine_options = {}
+        if args.use_vllm and args.vllm_mode == "colocate":
+            apply_cpu_weight_sync_fix()
+            if args.vllm_enforce_eager:
+                engine_options["enforce_eager"] = True
+        with vllm_engine_options(**engine_options):
+            super().__init__(
+                model=model,
+                teacher_model=teacher_model,
+                args=args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+                tools=tools,
+            )
+        if args.benchmarks:
+            self.add_callback(BenchmarkCallback(self))
+        self.selection_seed = args.seed if args.selection_seed is None else args.selection_seed
+        # Per rank: ranks hold different rollouts; reseeded identically so runs and resumes repeat exactly.
+        self._selection_generator = torch.Generator().manual_seed(self.selection_seed + self.accelerator.process_index)
+        # One on/off-policy draw per generation batch, identical on every rank: generation is a collective under vLLM
+        # and ZeRO-3, so all ranks must take the same branch.
+        self._policy_rng = random.Random(self.selection_seed)
+        self._last_selection = None
+        entropy_threshold, divergence_threshold = args.quadrant_threshold_values
+        self.quadrant_tracker = QuadrantTracker(entropy_threshold, divergence_threshold)
+        rollouts = args.num_rollouts_per_prompt
+        if rollouts > 1:
+            if isinstance(train_dataset, IterableDataset):
+                raise ValueError("`num_rollouts_per_prompt` > 1 needs a map-style (non-streaming) train dataset.")
+            if self._generation_batch_size % rollouts:
+                raise ValueError(
+                    f"`num_rollouts_per_prompt`={rollouts} must divide the generation batch "
+                    f"(per_device_train_batch_size x processes x gradient_accumulation_steps = "
+                    f"{self._generation_batch_size})."
+                )
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Rollouts: GKD's lmbda mixes on-policy student rollouts with the dataset's own completions.
+
+    def _generate_and_score_completions(self, inputs):
+        off_policy = self._draw_off_policy(inputs)
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._dataset_examples = None
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["tip/on_policy"].append(0.0 if off_policy else 1.0)
+        if self._count_follows_from_masks:
+            # Ratio selectors keep a count that follows from the masks alone, so the global normalizer of the whole
+            # generation batch (all accumulation steps, all ranks) is known before any statistics are computed.
+            loss_mask = output["completion_mask"]
+            if "tool_mask" in output:
+                loss_mask = loss_mask * output["tool_mask"]
+            output["num_selected_in_batch"] = self.accelerator.gather(self.token_selector.count(loss_mask)).sum()
+        return output
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Loss: TRL prepares everything and calls its module-level `_chunked_divergence_loss`; we take that call.
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.args.loss_normalization == "selected" and inputs.get("num_selected_in_batch") is not None:
+            # TRL's compute_loss turns inputs["num_items_in_batch"] into the per-process denominator.
+            inputs = {**inputs, "num_items_in_batch": inputs["num_selected_in_batch"]}
+        with self._tip_loss_in_place():
+            output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self._record_selection()
+        return output
+
+    @contextlib.contextmanager
+    def _tip_loss_in_place(self):
+        # `DistillationTrainer._compute_loss` resolves `_chunked_divergence_loss` from its module at call time, with
+        # the hidden states, heads, masks and logit transforms it prepared for this model family (VLMs, Gemma
+        # softcapping, Granite scaling, device maps, ZeRO-3, PEFT). Swapping that one callable for the length of the
+        # call reuses all of it; tests/core/test_trl_parity.py pins the signature and the call.
+        original = trl_distillation._chunked_divergence_loss
+        trl_distillation._chunked_divergence_loss = self._tip_divergence_loss
+        try:
+            yield
+        finally:
+            trl_distillation._chunked_divergence_loss = original
+
+    def _tip_divergence_loss(
+        self,
+        student_hidden_states,
+        teacher_hidden_states,
+        student_lm_head_weight,
+        teacher_lm_head_weight,
+        completion_mask,
+        beta,
+        num_items_in_batch=None,
+        temperature=1.0,
+        **head_kwargs,
+    ):
+        """Drop-in for TRL's `_chunked_divergence_loss`: statistics, selection, then the masked loss."""
+        stats = compute_token_stats(
+            student_hidden_states,
+            teacher_hidden_states,
+            student_lm_head_weight,
+            teacher_lm_head_weight,
+            completion_mask,
+            temperature=temperature,
+            **head_kwargs,
+        )
+        training = self.model.training
+        generator = self._selection_generator if training else torch.Generator().manual_seed(self.selection_seed)
+        selection = resolve_selection(self.token_selector, stats, generator)
+        if training and self.args.loss_normalization == "selected" and num_items_in_batch is not None:
+            if not self._count_follows_from_masks:
+                num_items_in_batch = self._estimated_selected_count(selection.mask)
+        loss, _, _ = masked_gjsd_loss(
+            student_hidden_states,
+            teacher_hidden_states,
+            student_lm_head_weight,
+            teacher_lm_head_weight,
+            selection.mask,
+            beta=beta,
+            temperature=temperature,
+            token_weights=selection.weights,
+            normalization=self.args.loss_normalization,
+            valid_mask=stats.mask,
+            num_items_in_batch=num_items_in_batch,
+            stats=stats,
+            **head_kwargs,
+        )
+        self._last_selection = (stats, selection.mask)
+        return loss, stats.entropy.sum(), stats.mask.sum()
+
+    @property
+    def _count_follows_from_masks(self) -> bool:
+        """Whether the selector's kept count is known from the masks alone (it declares `fixed_count` and can
+        `count`); both the rollout-time normalizer and the per-micro-batch estimate are chosen by this one test."""
+        return bool(getattr(self.token_selector, "fixed_count", False)) and hasattr(self.token_selector, "count")
+
+    def _estimated_selected_count(self, keep_mask: torch.Tensor) -> torch.Tensor:
+        """Per-process denominator for selectors whose kept count depends on the statistics (e.g. `quadrant`).
+
+        The count of later accumulation steps is not known yet, so this micro-batch's global count stands for each of
+        them: `sum over ranks of kept * accumulation steps / processes` (exact when micro-batches keep equal counts).
+        """
+        kept = keep_mask.sum().to(self.accelerator.device, torch.float32)
+        kept = self.accelerator.reduce(kept, reduction="sum")
+        steps = self.current_gradient_accumulation_steps
+        return (kept * steps).clamp(min=1.0) / self.accelerator.num_processes
+
+    def _record_selection(self):
+        if self._last_selection is None:
+            return
+        stats, keep = self._last_selection
+        self._last_selection = None
+        training = self.model.training
+        if training and self.state.global_step % self.args.log_quadrant_stats_every != 0:
+            return
+        counts = self.quadrant_tracker.measure(stats, keep).all_reduce(device=self.accelerator.device)
+        if training:
+            self.quadrant_tracker.update(self.state.global_step + 1, counts)
+        mode = "train" if training else "eval"
+        for key, value in counts.summary().items():
+            if key.startswith(LOGGED_METRICS):
+                self._metrics[mode][f"tip/{key}"].append(value)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Persistence: `tip_stats/` beside every saved model, selection state beside every RNG state.
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        self.save_tip_stats(output_dir or self.args.output_dir)
+
+    def save_tip_stats(self, output_dir: str):
+        """Writes the quadrant statistics to `<output_dir>/tip_stats/` (main process only)."""
+        if self.accelerator.is_main_process:
+            self.quadrant_tracker.save(os.path.join(output_dir, TIP_STATS_DIR))
+
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        self.save_tip_stats(self.args.output_dir)
+        return output
+
+    def evaluate_benchmarks(self) -> list[dict]:
+        """Evaluates the student on `args.benchmarks` now; [`BenchmarkCallback`] calls this at the end of training."""
+        return evaluate_benchmarks(self)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        state = {"selection": self._selection_generator.get_state(), "policy": self._policy_rng.getstate()}
+        torch.save(state, os.path.join(output_dir, f"tip_rng_state_{self.accelerator.process_index}.pt"))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, f"tip_rng_state_{self.accelerator.process_index}.pt")
+        if os.path.isfile(path):
+            state = torch.load(path, weights_only=False)
+            self._selection_generator.set_state(state["selection"])
+            self._policy_rng.setstate(state["policy"])
+        stats_dir = os.path.join(checkpoint, TIP_STATS_DIR)
+        if os.path.isfile(os.path.join(stats_dir, "tracker.json")):
+            self.quadrant_tracker = QuadrantTracker.load(stats_dir)
