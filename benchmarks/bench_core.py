@@ -118,7 +118,8 @@ def main():
 
     b, c, h_s, h_t, v = SHAPES[args.shape]
     print(
-        f"shape {args.shape}: {b} x {c} tokens, H_s={h_s}, H_t={h_t}, V={v}, {dtype} on {args.device}, beta={args.beta}"
+        f"shape {args.shape}: {b} x {c} tokens, H_s={h_s}, H_t={h_t}, V={v}, {dtype} on {args.device}, "
+        f"beta={args.beta}"
     )
     print(f"{'case':<20}{'time (s)':>10}{'peak (MiB)':>12}")
     results = []

@@ -9,7 +9,8 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 _CORPUS = [
@@ -53,7 +54,8 @@ def tiny_causal_lm(
     seed: int = 0,
     tie_word_embeddings: bool = False,
 ) -> Qwen3ForCausalLM:
-    """A randomly initialized Qwen3 model over `tokenizer`'s vocabulary; head_dim 64 so vLLM's CPU attention runs it."""
+    """A randomly initialized Qwen3 model over `tokenizer`'s vocabulary; head_dim 64 so vLLM's CPU attention runs
+    it."""
     config = Qwen3Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

@@ -7,6 +7,7 @@ accelerate launch --config_file recipes/accelerate/zero3.yaml -m trl_tip.train -
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -48,8 +49,13 @@ def load_prompt_dataset(name: str, config: str | None = None, streaming: bool = 
             raise ValueError(
                 f"Split `{split}` of {name!r} needs a `prompt` column (or `question`/`problem`); it has {columns}."
             )
-        dataset[split] = data.map(lambda row: {"prompt": [{"role": "user", "content": row[source]}]})
+        dataset[split] = data.map(functools.partial(_as_prompt, column=source))
     return dataset
+
+
+def _as_prompt(row: dict, column: str) -> dict:
+    """A one-turn conversational prompt from the text in `row[column]`."""
+    return {"prompt": [{"role": "user", "content": row[column]}]}
 
 
 def main(script_args, training_args, model_args, dataset_args):

@@ -19,7 +19,8 @@ It implements only what `huggingface_hub` (`create_repo`, `create_branch`, `uplo
 
 Layout on disk: `blobs/<sha256>` (file contents) and `repos.json` (per repo: privacy, branches, and commits as full
 path -> [sha256, is_lfs] snapshots). Clients must run with `HF_HUB_DISABLE_XET=1`: LFS files then go through the legacy
-LFS batch API, which this server speaks, instead of the Xet storage protocol, which it does not. Writes need `Authorization: Bearer <token>`; private repos are invisible without it.
+LFS batch API, which this server speaks, instead of the Xet storage protocol, which it does not. Writes need
+`Authorization: Bearer <token>`; private repos are invisible without it.
 `fail(method, path_fragment, status, times)` makes matching requests fail, to test retries and reruns.
 """
 

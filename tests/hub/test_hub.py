@@ -22,7 +22,8 @@ GOLDEN_CARD = paths.TESTS / "golden" / "tiny_run_card.md"
 
 
 def make_tiny_run(output_dir: Path, benchmark: Path) -> Path:
-    """The tiny end-to-end run: 2 steps of soft_or 50% on tiny local models, a 3-problem benchmark, saved with its card."""
+    """The tiny end-to-end run: 2 steps of soft_or 50% on tiny local models, a 3-problem benchmark, saved with its
+    card."""
     from trl_tip import TIPConfig, TIPGKDTrainer
     from trl_tip.testing import tiny_causal_lm, tiny_math_dataset, tiny_tokenizer
 

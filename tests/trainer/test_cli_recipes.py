@@ -12,7 +12,7 @@ from trl_tip.train import load_prompt_dataset, make_parser, run
 
 
 ROOT = paths.ROOT
-RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if not {"accelerate", "study"} & set(p.parts))
 ACCELERATE = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
 SHARED_DATA = ROOT.parent / "shared" / "data"
 

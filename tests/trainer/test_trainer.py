@@ -98,7 +98,8 @@ def test_all_selector_reproduces_trl_distillation_trainer(tokenizer, tmp_path):
 
 
 def test_gradient_accumulation_1x4_equals_4x1(tokenizer, tmp_path):
-    """The selected-token normalizer is global across accumulation steps, so the update does not depend on the split."""
+    """The selected-token normalizer is global across accumulation steps, so the update does not depend on the
+    split."""
     selector = {"token_selector": "soft_or", "selection_ratio": 0.5, "normalization_scope": "sequence"}
     settings = dict(max_steps=1, optim="sgd", lr_scheduler_type="constant", **selector)
     one_by_four, _ = parameters_after_one_step(
@@ -161,7 +162,13 @@ def test_lmbda_chooses_between_dataset_completions_and_rollouts(
 
 
 def test_resume_from_checkpoint_repeats_the_next_selection_and_loss(tokenizer, tmp_path):
-    settings = {"max_steps": 4, "token_selector": "random", "selection_ratio": 0.5, "save_strategy": "steps", "save_steps": 2}
+    settings = {
+        "max_steps": 4,
+        "token_selector": "random",
+        "selection_ratio": 0.5,
+        "save_strategy": "steps",
+        "save_steps": 2,
+    }
     full = make_trainer(tokenizer, tmp_path / "full", **settings)
     full_logs = train_logs(full)
     checkpoint = tmp_path / "full" / "checkpoint-2"

@@ -62,7 +62,8 @@ def check_projection_inputs(
         )
     if tuple(mask.shape) != tuple(student_hidden_states.shape[:2]):
         raise ValueError(
-            f"`{mask_name}` must have shape (B, C) = {tuple(student_hidden_states.shape[:2])}; got {tuple(mask.shape)}."
+            f"`{mask_name}` must have shape (B, C) = {tuple(student_hidden_states.shape[:2])}; "
+            f"got {tuple(mask.shape)}."
         )
     for name, weight, hidden in (
         ("student_lm_head_weight", student_lm_head_weight, student_hidden_states),
@@ -76,8 +77,9 @@ def check_projection_inputs(
     student_vocab, teacher_vocab = full_shape(student_lm_head_weight)[0], full_shape(teacher_lm_head_weight)[0]
     if student_vocab != teacher_vocab:
         raise ValueError(
-            f"The student and teacher heads must share one vocabulary: `student_lm_head_weight` has {student_vocab} rows "
-            f"and `teacher_lm_head_weight` has {teacher_vocab}. Use a student and teacher with the same tokenizer."
+            "The student and teacher heads must share one vocabulary: `student_lm_head_weight` has "
+            f"{student_vocab} rows and `teacher_lm_head_weight` has {teacher_vocab}. Use a student and teacher with "
+            "the same tokenizer."
         )
     for name, bias, weight in (
         ("student_lm_head_bias", student_lm_head_bias, student_lm_head_weight),

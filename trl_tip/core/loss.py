@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_beta, check_choice, check_finite, check_projection_inputs, check_temperature
-from .stats import TokenStats, projection_signature
-from .trl_kernels import (
-    ChunkedDivergenceFunction,
-    DivergenceFromStats,
-    compute_dtype,
-    kernel_arguments,
-    materialize_lm_head,
-)
+from .checks import check_beta, check_choice, check_finite
+from .stats import LMHeads, TokenStats, compact_positions
+from .trl_kernels import ChunkedDivergenceFunction, DivergenceFromStats
 
 
 LOSS_NORMALIZATIONS = ("selected", "all")
@@ -89,20 +83,45 @@ def masked_gjsd_loss(
         (weighted) divergence, and the local number of selected tokens. Sums are returned so callers can reduce
         across ranks.
     """
-    check_projection_inputs(
-        student_hidden_states,
-        teacher_hidden_states,
+    heads = LMHeads(
         student_lm_head_weight,
         teacher_lm_head_weight,
-        selected_mask,
-        "selected_mask",
+        temperature,
         student_lm_head_bias,
         teacher_lm_head_bias,
+        student_logit_scale,
+        teacher_logit_scale,
+        student_final_logit_softcapping,
+        teacher_final_logit_softcapping,
     )
+    heads.check_inputs(student_hidden_states, teacher_hidden_states, selected_mask, "selected_mask")
     beta = check_beta(beta)
-    temperature = check_temperature(temperature)
+    heads = heads.with_checked_temperature()
     check_choice("normalization", normalization, LOSS_NORMALIZATIONS)
     selected = (selected_mask != 0).reshape(-1)
+    _check_valid_mask(valid_mask, selected_mask, selected, normalization, num_items_in_batch)
+    h_s = compact_positions(student_hidden_states, selected, "student_hidden_states")
+    h_t = compact_positions(teacher_hidden_states, selected, "teacher_hidden_states").detach()
+    weights = _selected_weights(token_weights, selected_mask, selected)
+    heads = heads.materialized(student_hidden_states, teacher_hidden_states)
+    # Called even with nothing selected: under ZeRO-3 the functions gather the heads, a collective every rank joins,
+    # and an empty input still yields a zero loss connected to the student's graph. The teacher's head is passed as
+    # the parameter itself (both functions return no gradient for it): ZeRO-3's gather needs the parameter object.
+    if stats is not None and beta in (0.0, 1.0):
+        _check_reusable(stats, selected_mask, selected, heads.signature)
+        per_token_divergence = _divergence_from_stats(h_s, h_t, heads, stats, selected, beta)
+    else:
+        per_token_divergence = _chunked_divergence(h_s, h_t, heads, beta)
+    if weights is not None:
+        per_token_divergence = per_token_divergence * weights
+    loss_sum = per_token_divergence.sum()
+    num_selected = selected.sum()
+    loss = _normalized_loss(loss_sum, num_selected, normalization, valid_mask, num_items_in_batch)
+    return loss, loss_sum.detach(), num_selected
+
+
+def _check_valid_mask(valid_mask, selected_mask, selected, normalization: str, num_items_in_batch) -> None:
+    """`valid_mask` covers `selected_mask` (same shape, no selected token outside it), or is not needed."""
     if valid_mask is not None:
         if tuple(valid_mask.shape) != tuple(selected_mask.shape):
             raise ValueError(
@@ -116,87 +135,85 @@ def masked_gjsd_loss(
     elif normalization == "all" and num_items_in_batch is None:
         raise ValueError('`normalization="all"` needs `valid_mask` (or a global `num_items_in_batch`).')
 
-    h_s = student_hidden_states.reshape(-1, student_hidden_states.size(-1))[selected]
-    h_t = teacher_hidden_states.reshape(-1, teacher_hidden_states.size(-1))[selected].detach()
-    check_finite("student_hidden_states", h_s.detach())
-    check_finite("teacher_hidden_states", h_t)
-    weights = None
-    if token_weights is not None:
-        if tuple(token_weights.shape) != tuple(selected_mask.shape):
-            raise ValueError(
-                f"`token_weights` must have shape {tuple(selected_mask.shape)} like `selected_mask`; got "
-                f"{tuple(token_weights.shape)}."
-            )
-        weights = token_weights.reshape(-1)[selected].to(torch.float32)
-        check_finite("token_weights", weights)
-        if bool((weights < 0).any()):
-            raise ValueError("`token_weights` must be non-negative.")
 
-    student_lm_head_weight, student_lm_head_bias = materialize_lm_head(
-        student_lm_head_weight, student_lm_head_bias, compute_dtype(student_hidden_states)
-    )
-    teacher_lm_head_weight, teacher_lm_head_bias = materialize_lm_head(
-        teacher_lm_head_weight, teacher_lm_head_bias, compute_dtype(teacher_hidden_states)
-    )
-    kernel_args = kernel_arguments(
-        temperature,
-        student_logit_scale,
-        teacher_logit_scale,
-        student_final_logit_softcapping,
-        teacher_final_logit_softcapping,
-    )
-    # Called even with nothing selected: under ZeRO-3 the functions gather the heads, a collective every rank joins,
-    # and an empty input still yields a zero loss connected to the student's graph. The teacher's head is passed as
-    # the parameter itself (both functions return no gradient for it): ZeRO-3's gather needs the parameter object.
-    if stats is not None and beta in (0.0, 1.0):
-        _check_reusable(stats, selected_mask, selected, temperature, kernel_args)
-        divergence = stats.reverse_kl if beta == 1.0 else stats.forward_kl
-        per_token_divergence = DivergenceFromStats.apply(
-            h_s,
-            student_lm_head_weight,
-            student_lm_head_bias,
-            h_t,
-            teacher_lm_head_weight,
-            teacher_lm_head_bias,
-            divergence.reshape(-1)[selected].detach(),
-            stats.student_log_z.reshape(-1)[selected].detach(),
-            stats.teacher_log_z.reshape(-1)[selected].detach(),
-            beta,
-            kernel_args,
-            (compute_dtype(student_hidden_states), compute_dtype(teacher_hidden_states)),
+def _selected_weights(
+    token_weights: torch.Tensor | None, selected_mask: torch.Tensor, selected: torch.Tensor
+) -> torch.Tensor | None:
+    """The float32 weights of the selected tokens, in compacted order, checked finite and non-negative."""
+    if token_weights is None:
+        return None
+    if tuple(token_weights.shape) != tuple(selected_mask.shape):
+        raise ValueError(
+            f"`token_weights` must have shape {tuple(selected_mask.shape)} like `selected_mask`; got "
+            f"{tuple(token_weights.shape)}."
         )
-    else:
-        per_token_divergence, _ = ChunkedDivergenceFunction.apply(
-            h_s,
-            student_lm_head_weight,
-            student_lm_head_bias,
-            h_t,
-            teacher_lm_head_weight,
-            teacher_lm_head_bias,
-            beta,
-            temperature,
-            student_logit_scale,
-            student_final_logit_softcapping,
-            teacher_logit_scale,
-            teacher_final_logit_softcapping,
-        )
-    if weights is not None:
-        per_token_divergence = per_token_divergence * weights
-    loss_sum = per_token_divergence.sum()
-    num_selected = selected.sum()
+    weights = token_weights.reshape(-1)[selected].to(torch.float32)
+    check_finite("token_weights", weights)
+    if bool((weights < 0).any()):
+        raise ValueError("`token_weights` must be non-negative.")
+    return weights
 
+
+def _divergence_from_stats(
+    h_s: torch.Tensor, h_t: torch.Tensor, heads: LMHeads, stats: TokenStats, selected: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """KL(T || S) (`beta` 0) or KL(S || T) (`beta` 1) per selected token, read from `stats`; only the backward
+    projects (TRL's `ChunkedDivergenceFunction.backward`)."""
+    divergence = stats.reverse_kl if beta == 1.0 else stats.forward_kl
+    return DivergenceFromStats.apply(
+        h_s,
+        heads.student_lm_head_weight,
+        heads.student_lm_head_bias,
+        h_t,
+        heads.teacher_lm_head_weight,
+        heads.teacher_lm_head_bias,
+        divergence.reshape(-1)[selected].detach(),
+        stats.student_log_z.reshape(-1)[selected].detach(),
+        stats.teacher_log_z.reshape(-1)[selected].detach(),
+        beta,
+        heads.kernel_args,
+        (heads.student_dtype, heads.teacher_dtype),
+    )
+
+
+def _chunked_divergence(h_s: torch.Tensor, h_t: torch.Tensor, heads: LMHeads, beta: float) -> torch.Tensor:
+    """The generalized JSD per selected token, forward and backward on TRL's `ChunkedDivergenceFunction` tiles."""
+    per_token_divergence, _ = ChunkedDivergenceFunction.apply(
+        h_s,
+        heads.student_lm_head_weight,
+        heads.student_lm_head_bias,
+        h_t,
+        heads.teacher_lm_head_weight,
+        heads.teacher_lm_head_bias,
+        beta,
+        heads.temperature,
+        heads.student_logit_scale,
+        heads.student_final_logit_softcapping,
+        heads.teacher_logit_scale,
+        heads.teacher_final_logit_softcapping,
+    )
+    return per_token_divergence
+
+
+def _normalized_loss(
+    loss_sum: torch.Tensor,
+    num_selected: torch.Tensor,
+    normalization: str,
+    valid_mask: torch.Tensor | None,
+    num_items_in_batch: torch.Tensor | int | None,
+) -> torch.Tensor:
+    """`loss_sum` over the global `num_items_in_batch` when given, else over the local selected or valid count."""
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):
             num_items_in_batch = num_items_in_batch.to(loss_sum.device)
-        loss = loss_sum / num_items_in_batch
-    else:
-        denominator = num_selected if normalization == "selected" else (valid_mask != 0).sum().to(loss_sum.device)
-        # Clamped so an all-masked micro-batch reduces to a finite zero rather than 0 / 0.
-        loss = loss_sum / denominator.clamp(min=1)
-    return loss, loss_sum.detach(), num_selected
+        return loss_sum / num_items_in_batch
+    denominator = num_selected if normalization == "selected" else (valid_mask != 0).sum().to(loss_sum.device)
+    # Clamped so an all-masked micro-batch reduces to a finite zero rather than 0 / 0.
+    return loss_sum / denominator.clamp(min=1)
 
 
-def _check_reusable(stats, selected_mask, selected, temperature, kernel_args) -> None:
+def _check_reusable(stats, selected_mask, selected, expected: dict) -> None:
+    """`stats` may stand in for the loss's forward: same positions, log-normalizers present, same projection."""
     if tuple(stats.mask.shape) != tuple(selected_mask.shape):
         raise ValueError(
             f"`stats` covers shape {tuple(stats.mask.shape)} but `selected_mask` has {tuple(selected_mask.shape)}."
@@ -205,7 +222,6 @@ def _check_reusable(stats, selected_mask, selected, temperature, kernel_args) ->
         raise ValueError(
             "`stats` lacks log-normalizers; pass the output of `compute_token_stats` or leave `stats` unset."
         )
-    expected = projection_signature(temperature, kernel_args)
     if stats.projection != expected:
         raise ValueError(
             f"`stats` were computed with {stats.projection} but the loss uses {expected}; recompute them with the "

@@ -42,7 +42,8 @@ class TokenSelector(Protocol):
 
 @dataclass
 class Selection:
-    """A resolved selection: `mask` is `(B, C)` bool and never keeps an invalid token; `weights` is `(B, C)` or None."""
+    """A resolved selection: `mask` is `(B, C)` bool and never keeps an invalid token; `weights` is `(B, C)` or
+    None."""
 
     mask: torch.Tensor
     weights: torch.Tensor | None = None

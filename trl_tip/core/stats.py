@@ -10,7 +10,7 @@ adapter to TRL's private tile helpers) and reads all three statistics from the s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -131,57 +131,134 @@ def compute_token_stats(
     Returns:
         [`TokenStats`]: `(B, C)` float32 statistics, zero at invalid positions.
     """
-    check_projection_inputs(
-        student_hidden_states,
-        teacher_hidden_states,
+    heads = LMHeads(
         student_lm_head_weight,
         teacher_lm_head_weight,
-        mask,
-        "mask",
+        temperature,
         student_lm_head_bias,
         teacher_lm_head_bias,
-    )
-    temperature = check_temperature(temperature)
-    if token_chunk_size < 1 or vocab_chunk_size < 1:
-        raise ValueError(
-            f"`token_chunk_size` and `vocab_chunk_size` must be positive; got {token_chunk_size}, {vocab_chunk_size}."
-        )
-    device = student_hidden_states.device
-    valid = mask != 0
-    flat_valid = valid.reshape(-1)
-    h_s = student_hidden_states.detach().reshape(-1, student_hidden_states.size(-1))[flat_valid]
-    h_t = teacher_hidden_states.detach().reshape(-1, teacher_hidden_states.size(-1))[flat_valid]
-    check_finite("student_hidden_states", h_s)
-    check_finite("teacher_hidden_states", h_t)
-    s_dtype, t_dtype = compute_dtype(student_hidden_states), compute_dtype(teacher_hidden_states)
-    student_lm_head_weight, student_lm_head_bias = materialize_lm_head(
-        student_lm_head_weight, student_lm_head_bias, s_dtype
-    )
-    teacher_lm_head_weight, teacher_lm_head_bias = materialize_lm_head(
-        teacher_lm_head_weight, teacher_lm_head_bias, t_dtype
-    )
-
-    n_tokens = h_s.shape[0]
-    kernel_args = kernel_arguments(
-        temperature,
         student_logit_scale,
         teacher_logit_scale,
         student_final_logit_softcapping,
         teacher_final_logit_softcapping,
     )
+    heads.check_inputs(student_hidden_states, teacher_hidden_states, mask, "mask")
+    heads = heads.with_checked_temperature()
+    _check_chunk_sizes(token_chunk_size, vocab_chunk_size)
+    valid = mask != 0
+    h_s = compact_positions(student_hidden_states.detach(), valid, "student_hidden_states")
+    h_t = compact_positions(teacher_hidden_states.detach(), valid, "teacher_hidden_states")
+    heads = heads.materialized(student_hidden_states, teacher_hidden_states)
+    sums = _fold_tiles(h_s, h_t, heads, token_chunk_size, vocab_chunk_size)
+    return _stats_from_sums(sums, valid, heads)
 
-    def zeros():
-        return torch.zeros((n_tokens,), device=device, dtype=torch.float32)
 
-    s_max, t_max = zeros() - math.inf, zeros() - math.inf
-    s_sum, s_x_sum, t_sum, t_weighted_gap, s_weighted_gap = zeros(), zeros(), zeros(), zeros(), zeros()
+@dataclass(frozen=True, eq=False)
+class LMHeads:
+    """
+    Both models' output heads and logit transforms, as TRL's `_chunked_divergence_loss` receives them: `lm_head`
+    weights and biases, logit scales, final-logit softcaps and the softmax temperature. The statistics pass and the
+    loss hand it to their helpers instead of nine arguments; `materialized` adds the projection dtypes.
+    """
+
+    student_lm_head_weight: torch.Tensor
+    teacher_lm_head_weight: torch.Tensor
+    temperature: float = 1.0
+    student_lm_head_bias: torch.Tensor | None = None
+    teacher_lm_head_bias: torch.Tensor | None = None
+    student_logit_scale: float = 1.0
+    teacher_logit_scale: float = 1.0
+    student_final_logit_softcapping: float | None = None
+    teacher_final_logit_softcapping: float | None = None
+    student_dtype: torch.dtype | None = None
+    teacher_dtype: torch.dtype | None = None
+
+    def check_inputs(self, student_hidden_states, teacher_hidden_states, mask, mask_name: str) -> None:
+        """Shapes, devices and vocabularies of the hidden states and heads line up with the mask."""
+        check_projection_inputs(
+            student_hidden_states,
+            teacher_hidden_states,
+            self.student_lm_head_weight,
+            self.teacher_lm_head_weight,
+            mask,
+            mask_name,
+            self.student_lm_head_bias,
+            self.teacher_lm_head_bias,
+        )
+
+    def with_checked_temperature(self) -> LMHeads:
+        return replace(self, temperature=check_temperature(self.temperature))
+
+    def materialized(self, student_hidden_states, teacher_hidden_states) -> LMHeads:
+        """The heads as the tiles project them: FSDP2 `DTensor`s made plain tensors once, and each model's compute
+        dtype (`compute_dtype` of its hidden states) recorded."""
+        s_dtype, t_dtype = compute_dtype(student_hidden_states), compute_dtype(teacher_hidden_states)
+        s_weight, s_bias = materialize_lm_head(self.student_lm_head_weight, self.student_lm_head_bias, s_dtype)
+        t_weight, t_bias = materialize_lm_head(self.teacher_lm_head_weight, self.teacher_lm_head_bias, t_dtype)
+        return replace(
+            self,
+            student_lm_head_weight=s_weight,
+            student_lm_head_bias=s_bias,
+            teacher_lm_head_weight=t_weight,
+            teacher_lm_head_bias=t_bias,
+            student_dtype=s_dtype,
+            teacher_dtype=t_dtype,
+        )
+
+    @property
+    def kernel_args(self) -> dict:
+        """The logit transforms as the arguments of TRL's tiles."""
+        return kernel_arguments(
+            self.temperature,
+            self.student_logit_scale,
+            self.teacher_logit_scale,
+            self.student_final_logit_softcapping,
+            self.teacher_final_logit_softcapping,
+        )
+
+    @property
+    def signature(self) -> dict:
+        """What statistics computed with these heads depend on besides the inputs (see `projection_signature`)."""
+        return projection_signature(self.temperature, self.kernel_args)
+
+
+def _check_chunk_sizes(token_chunk_size: int, vocab_chunk_size: int) -> None:
+    if token_chunk_size < 1 or vocab_chunk_size < 1:
+        raise ValueError(
+            f"`token_chunk_size` and `vocab_chunk_size` must be positive; got {token_chunk_size}, {vocab_chunk_size}."
+        )
+
+
+def compact_positions(hidden_states: torch.Tensor, keep: torch.Tensor, name: str) -> torch.Tensor:
+    """The `(N, H)` rows of `(B, C, H)` hidden states where the `(B, C)` (or flat) boolean `keep` is set, checked
+    finite: only these positions are projected."""
+    rows = hidden_states.reshape(-1, hidden_states.size(-1))[keep.reshape(-1)]
+    check_finite(name, rows.detach())
+    return rows
+
+
+def _fold_tiles(
+    h_s: torch.Tensor, h_t: torch.Tensor, heads: LMHeads, token_chunk_size: int, vocab_chunk_size: int
+) -> dict[str, torch.Tensor]:
+    """
+    Projects the `(N, H)` hidden states through both heads on `[token_chunk_size, vocab_chunk_size]` fp32 tiles and
+    folds each pair into TRL's online-logsumexp accumulators. Returns them by `fold_tile`'s argument names: the
+    running maxima and sums of both models, the student's `sum exp(z_s) z_s` and the two weighted gaps.
+    """
+    device, n_tokens = h_s.device, h_s.shape[0]
+    kernel_args = heads.kernel_args
+    sums = {
+        name: torch.zeros((n_tokens,), device=device, dtype=torch.float32)
+        for name in ("student_sum", "student_x_sum", "teacher_sum", "teacher_weighted_gap", "student_weighted_gap")
+    }
+    for name in ("student_max", "teacher_max"):
+        sums[name] = torch.zeros((n_tokens,), device=device, dtype=torch.float32) - math.inf
     rows = min(n_tokens, token_chunk_size)
+    s_weight, s_bias, s_dtype = heads.student_lm_head_weight, heads.student_lm_head_bias, heads.student_dtype
+    t_weight, t_bias, t_dtype = heads.teacher_lm_head_weight, heads.teacher_lm_head_bias, heads.teacher_dtype
     # ZeRO-3 gathers the heads even on a rank with no valid token, so every rank joins the collective.
-    with (
-        maybe_gather_lm_head_ctx(student_lm_head_weight, student_lm_head_bias),
-        maybe_gather_lm_head_ctx(teacher_lm_head_weight, teacher_lm_head_bias),
-    ):
-        vocab = student_lm_head_weight.shape[0]
+    with maybe_gather_lm_head_ctx(s_weight, s_bias), maybe_gather_lm_head_ctx(t_weight, t_bias):
+        vocab = s_weight.shape[0]
         vocab_cols = min(vocab, vocab_chunk_size)
         s_buf = torch.empty((rows, vocab_cols), device=device, dtype=torch.float32)
         t_buf = torch.empty((rows, vocab_cols), device=device, dtype=torch.float32)
@@ -190,33 +267,27 @@ def compute_token_stats(
             n = token_end - token_start
             sl = slice(token_start, token_end)
             chunk_s, chunk_t = h_s[sl].to(s_dtype), h_t[sl].to(t_dtype)
+            chunk_sums = {name: value[sl] for name, value in sums.items()}
             for start in range(0, vocab, vocab_chunk_size):
                 end = min(start + vocab_chunk_size, vocab)
                 s_tile, t_tile = s_buf[:n, : end - start], t_buf[:n, : end - start]
-                project_tile(s_tile, chunk_s, student_lm_head_weight, student_lm_head_bias, start, end, s_dtype)
-                project_tile(t_tile, chunk_t, teacher_lm_head_weight, teacher_lm_head_bias, start, end, t_dtype)
-                fold_tile(
-                    s_tile,
-                    t_tile,
-                    s_max[sl],
-                    s_sum[sl],
-                    s_x_sum[sl],
-                    t_max[sl],
-                    t_sum[sl],
-                    t_weighted_gap[sl],
-                    s_weighted_gap[sl],
-                    kernel_args,
-                )
+                project_tile(s_tile, chunk_s, s_weight, s_bias, start, end, s_dtype)
+                project_tile(t_tile, chunk_t, t_weight, t_bias, start, end, t_dtype)
+                fold_tile(s_tile, t_tile, **chunk_sums, kernel_args=kernel_args)
+    return sums
 
-    s_log_z = s_max + torch.log(s_sum)
-    t_log_z = t_max + torch.log(t_sum)
+
+def _stats_from_sums(sums: dict[str, torch.Tensor], valid: torch.Tensor, heads: LMHeads) -> TokenStats:
+    """Entropy, both KLs and the log-normalizers from the folded accumulators, scattered back to `(B, C)`."""
+    s_log_z = sums["student_max"] + torch.log(sums["student_sum"])
+    t_log_z = sums["teacher_max"] + torch.log(sums["teacher_sum"])
     # Rounding can leave a divergence a hair below zero; the log-divergence axis needs them non-negative.
-    entropy = (s_log_z - s_x_sum / s_sum).clamp_(min=0.0)
-    reverse_kl = (s_weighted_gap / s_sum - s_log_z + t_log_z).clamp_(min=0.0)
-    forward_kl = (t_weighted_gap / t_sum - t_log_z + s_log_z).clamp_(min=0.0)
+    entropy = (s_log_z - sums["student_x_sum"] / sums["student_sum"]).clamp_(min=0.0)
+    reverse_kl = (sums["student_weighted_gap"] / sums["student_sum"] - s_log_z + t_log_z).clamp_(min=0.0)
+    forward_kl = (sums["teacher_weighted_gap"] / sums["teacher_sum"] - t_log_z + s_log_z).clamp_(min=0.0)
 
     def scatter(values: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(valid.shape, device=device, dtype=torch.float32)
+        out = torch.zeros(valid.shape, device=valid.device, dtype=torch.float32)
         out[valid] = values
         return out
 
@@ -227,7 +298,7 @@ def compute_token_stats(
         mask=valid,
         student_log_z=scatter(s_log_z),
         teacher_log_z=scatter(t_log_z),
-        projection=projection_signature(temperature, kernel_args),
+        projection=heads.signature,
     )
 
 

@@ -101,7 +101,8 @@ def kernel_arguments(
     student_final_logit_softcapping: float | None = None,
     teacher_final_logit_softcapping: float | None = None,
 ) -> dict:
-    """The logit-transform arguments of TRL's chunked-divergence tiles, as its `ChunkedDivergenceFunction` builds them."""
+    """The logit-transform arguments of TRL's chunked-divergence tiles, as its `ChunkedDivergenceFunction` builds
+    them."""
     return {
         "s_scale": student_logit_scale,
         "s_softcap": student_final_logit_softcapping or 1.0,

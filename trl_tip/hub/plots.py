@@ -63,7 +63,8 @@ def plot_quadrants(tracker: QuadrantTracker, path: str, title: str | None = None
         ax_hist.text(
             x,
             y,
-            f"{q} {100 * shares[f'quadrant_share/{q}']:.0f}% of tokens\n{100 * shares[f'selected_share/{q}']:.0f}% of kept",
+            f"{q} {100 * shares[f'quadrant_share/{q}']:.0f}% of tokens\n"
+            f"{100 * shares[f'selected_share/{q}']:.0f}% of kept",
             transform=ax_hist.transAxes,
             ha=ha,
             va=va,

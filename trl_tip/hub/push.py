@@ -180,7 +180,7 @@ def push_stats_dataset(
     ensure_branch(api, dataset_id, revision, repo_type="dataset", attempts=attempts, wait=wait)
     for config in STATS_CONFIGS:
         with_retries(
-            lambda: data[config].push_to_hub(
+            lambda config=config: data[config].push_to_hub(
                 dataset_id,
                 config_name=config,
                 split="train",

@@ -61,7 +61,8 @@ class PublishingMixin:
 
     @property
     def tip_stats_dataset_id(self) -> str | None:
-        """Where `push_to_hub` puts the quadrant statistics: `hub_stats_dataset_id`, else `<hub_model_id>-tip-stats`."""
+        """Where `push_to_hub` puts the quadrant statistics: `hub_stats_dataset_id`, else
+        `<hub_model_id>-tip-stats`."""
         from ..hub.push import _same_namespace, default_stats_id
 
         model_id = self.hub_model_id or self.args.hub_model_id

@@ -48,7 +48,8 @@ class RolloutMixin:
         return [self._tokenize_completion(prompt, completion) for prompt, completion in self._dataset_examples]
 
     def _tokenize_completion(self, prompt, completion) -> list[int]:
-        """Token ids of a dataset completion as the chat template renders it after `prompt`, truncated like a rollout."""
+        """Token ids of a dataset completion as the chat template renders it after `prompt`, truncated like a
+        rollout."""
         if is_conversational({"prompt": prompt}):
             rendered = apply_chat_template(
                 {"prompt": prompt, "completion": completion}, self.processing_class, **self.chat_template_kwargs

