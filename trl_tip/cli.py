@@ -1,4 +1,5 @@
-"""The `trl-tip` command line: `trl-tip demo`, `trl-tip train`, `trl-tip eval`, `trl-tip push`, `trl-tip tiny-models`."""
+"""The `trl-tip` command line: `trl-tip demo`, `trl-tip train`, `trl-tip eval`, `trl-tip push`, `trl-tip study`,
+`trl-tip tiny-models`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ COMMANDS = {
     "train": "TIP on-policy distillation from a YAML recipe (TrlParser: --config FILE plus --flag overrides).",
     "eval": "mean@k accuracy on MATH-500, AIME 2024/2025, AMC 2023, GSM8K or a .jsonl, checked with math-verify.",
     "push": "Push a finished run to the Hub: the student with its card, and the quadrant statistics as a dataset.",
+    "study": "Compare token-selection rules over seeds from one start: results.jsonl, summary.md, study.png.",
     "tiny-models": "Write a tiny random student, teacher, tokenizer and prompt file for offline smoke runs.",
 }
 
@@ -72,6 +74,10 @@ def main(argv: list[str] | None = None) -> None:
         from .hub.push import main as push_main
 
         push_main(rest)
+    elif command == "study":
+        from .study import main as study_main
+
+        study_main(rest)
     elif command == "tiny-models":
         tiny_models(rest)
     else:

@@ -1,0 +1,342 @@
+"""`trl-tip study`: a quick grid end to end on tiny models, resumption, determinism, the summary's statistics and
+the argument checks that must fail before any model is loaded."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trl_tip.cli import main as cli_main
+from trl_tip.core.quadrants import QUADRANT_NAMES
+from trl_tip.study import StudyArguments, aggregate, mean_se, paired_difference, parse_args, run_study
+from trl_tip.study import runner as study_runner
+from trl_tip.study.grid import DEFAULT_RULES, DEFAULT_SEEDS, STUDY_SELECTORS
+from trl_tip.study.report import plot_study, summary_markdown
+from trl_tip.utils.files import read_jsonl
+
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURE = REPO / "tests" / "data" / "study_results.jsonl"
+# The columns results.jsonl documents for every run.
+RESULT_COLUMNS = {
+    "run_id",
+    "rule",
+    "selector",
+    "ratio",
+    "seed",
+    "reverse_kl",
+    "forward_kl",
+    "accuracy",
+    "completion_tokens",
+    "tokens_trained",
+    "tokens_valid",
+    "kept_fraction",
+    *(f"kept_share/{q}" for q in QUADRANT_NAMES),
+    *(f"valid_share/{q}" for q in QUADRANT_NAMES),
+    "losses",
+    "train_time_s",
+    "eval_time_s",
+    "wall_time_s",
+    "cpu_time_s",
+    "teacher_model",
+    "student_model",
+    "held_out_problems",
+    *StudyArguments().settings(),
+}
+TIMES = ("train_time_s", "eval_time_s", "wall_time_s", "cpu_time_s")
+
+
+def quick_settings(tiny_models) -> dict:
+    return {
+        "teacher": str(tiny_models / "teacher"),
+        "student_layers": 1,
+        "steps": 2,
+        "batch_size": 2,
+        "max_new_tokens": 6,
+        "train_problems": 8,
+        "eval_problems": 4,
+    }
+
+
+def quick_args(tiny_models, output_dir, rules=("all:1.0", "soft_or:0.5"), seeds=(0,), **changes) -> StudyArguments:
+    settings = {**quick_settings(tiny_models), **changes}
+    return StudyArguments(rules=list(rules), seeds=list(seeds), output_dir=str(output_dir), **settings)
+
+
+def without_times(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMES} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def clean_grid(tiny_models, tmp_path_factory):
+    """Two rules, one seed, two steps each: run through the command line from a YAML config, uninterrupted."""
+    folder = tmp_path_factory.mktemp("study") / "clean"
+    config = folder.parent / "quick.yaml"
+    config.write_text(
+        yaml.safe_dump({"rules": ["all:1.0", "soft_or:0.5"], "seeds": [0], **quick_settings(tiny_models)})
+    )
+    cli_main(["study", "--config", str(config), "--output-dir", str(folder)])
+    return folder
+
+
+def test_quick_grid_writes_results_summary_and_plot(clean_grid):
+    rows = read_jsonl(clean_grid / "results.jsonl")
+    assert [(r["rule"], r["seed"]) for r in rows] == [("all:1", 0), ("soft_or:0.5", 0)]
+    for row in rows:
+        assert RESULT_COLUMNS <= set(row), RESULT_COLUMNS - set(row)
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["reverse_kl"] > 0 and row["forward_kl"] > 0
+        assert len(row["losses"]) == 2 and row["steps"] == 2 and row["eval_problems"] == 4
+        assert math.isclose(sum(row[f"kept_share/{q}"] for q in QUADRANT_NAMES), 1.0)
+        assert math.isclose(sum(row[f"valid_share/{q}"] for q in QUADRANT_NAMES), 1.0)
+    full, half = rows
+    assert full["kept_fraction"] == 1.0 and full["tokens_trained"] == full["tokens_valid"]
+    assert half["kept_fraction"] == 0.5 and half["tokens_trained"] == half["tokens_valid"] / 2
+    assert sorted(p.name for p in (clean_grid / "runs").iterdir()) == ["all-1-seed0.json", "soft_or-0.5-seed0.json"]
+    assert not (clean_grid / "models").exists(), "students are not kept by default"
+
+    summary = (clean_grid / "summary.md").read_text()
+    assert "| `all:1` | 1 |" in summary and "| `soft_or:0.5` | 1 |" in summary
+    assert "2 of 2 runs finished" in summary and "mean ± standard error across seeds" in summary
+    assert "Δ vs all" in summary and "| teacher |" in summary and "| student before training |" in summary
+    png = (clean_grid / "study.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    baselines = json.loads((clean_grid / "baselines.json").read_text())
+    assert len(baselines["teacher_rollouts"]["completion_ids"]) == 4
+    assert {"accuracy", "reverse_kl", "forward_kl"} <= set(baselines["student_before"])
+
+
+def test_interrupted_grid_resumes_without_retraining_and_matches_a_clean_run(
+    clean_grid, tiny_models, tmp_path, monkeypatch
+):
+    folder = tmp_path / "resumed"
+    args = quick_args(tiny_models, folder)
+    real = study_runner.train_and_evaluate
+    trained = []
+
+    def interrupted_after_one_run(ctx, rule, seed, staging, model_dir):
+        if trained:
+            raise KeyboardInterrupt("stopped in the middle of the second run")
+        trained.append(rule.run_id(seed))
+        return real(ctx, rule, seed, staging, model_dir)
+
+    monkeypatch.setattr(study_runner, "train_and_evaluate", interrupted_after_one_run)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(args)
+    assert trained == ["all-1-seed0"]
+    assert [p.name for p in (folder / "runs").glob("*.json")] == ["all-1-seed0.json"], "the half run is not counted"
+    assert (folder / "runs" / ".soft_or-0.5-seed0.incomplete").is_dir(), "the interrupted run's staging folder"
+    # A torn result file (as from a crash of a non-atomic writer) does not count as finished either.
+    (folder / "runs" / "soft_or-0.5-seed0.json").write_text('{"run_id": "soft_or-0.5-seed0", ')
+
+    def counting(ctx, rule, seed, staging, model_dir):
+        trained.append(rule.run_id(seed))
+        return real(ctx, rule, seed, staging, model_dir)
+
+    monkeypatch.setattr(study_runner, "train_and_evaluate", counting)
+    run_study(args)
+    assert trained == ["all-1-seed0", "soft_or-0.5-seed0"], "the finished run was not trained again"
+    assert not [p for p in (folder / "runs").iterdir() if p.name.startswith(".")], "no staging folder is left"
+
+    # Determinism on CPU: the same seed gives identical metrics, whatever ran before it in the process.
+    resumed, clean = read_jsonl(folder / "results.jsonl"), read_jsonl(clean_grid / "results.jsonl")
+    assert without_times(resumed) == without_times(clean)
+    assert (folder / "summary.md").is_file() and (folder / "study.png").is_file()
+
+    # Everything finished: a third call trains nothing.
+    run_study(args)
+    assert len(trained) == 2
+
+
+def test_summary_mean_and_standard_error_match_a_hand_computation(tmp_path):
+    rows = read_jsonl(FIXTURE)
+    stats = aggregate(rows)
+    assert list(stats) == ["all:1", "soft_or:0.5", "q3:0.1"]
+    # all: reverse KL 0.50, 0.40, 0.45 -> mean 0.45, sd 0.05, s.e. 0.05 / sqrt(3).
+    assert stats["all:1"]["reverse_kl"] == pytest.approx((0.45, 0.05 / math.sqrt(3)))
+    assert stats["soft_or:0.5"]["reverse_kl"] == pytest.approx((0.41, 0.03 / math.sqrt(3)))
+    # q3 ran seeds 0 and 2 only: 0.60, 0.50 -> mean 0.55, sd 0.0707, s.e. 0.05.
+    assert stats["q3:0.1"]["reverse_kl"] == pytest.approx((0.55, 0.05))
+    # Paired by seed: soft_or - all = -0.06, -0.02, -0.04 -> mean -0.04, sd 0.02, s.e. 0.02 / sqrt(3).
+    assert paired_difference(rows, "soft_or:0.5", "reverse_kl") == pytest.approx((-0.04, 0.02 / math.sqrt(3), 3))
+    # q3 pairs with all on seeds 0 and 2: 0.10, 0.05 -> mean 0.075, s.e. 0.025.
+    assert paired_difference(rows, "q3:0.1", "reverse_kl") == pytest.approx((0.075, 0.025, 2))
+    assert paired_difference(rows, "soft_or:0.5", "forward_kl") == pytest.approx((-0.05, 0.0, 3))
+    assert mean_se([3.0]) == (3.0, None)
+
+    summary = summary_markdown(rows, None, grid_size=9)
+    assert "8 of 9 runs finished" in summary
+    main_table = summary.split("## Shared baselines")[0].split("## Kept tokens")[0]
+    lines = {line.split(" | ")[0]: line for line in main_table.splitlines() if line.startswith("| `")}
+    all_row, soft_or_row, q3_row = lines["| `all:1`"], lines["| `soft_or:0.5`"], lines["| `q3:0.1`"]
+    # reverse KL, forward KL, accuracy (s.e. 0.05 / sqrt(3) = 2.9 points), tokens, wall time (2, 3, 2.5 min).
+    assert "| 3 | 0.4500 ± 0.0289 | – | 0.9000 ± 0.0577 | – | 15.0% ± 2.9% | – |" in all_row
+    assert "| 100.0% ± 0.0% | 1000 ± 58 | 2.5 ± 0.3 |" in all_row
+    assert "| 3 | 0.4100 ± 0.0173 | -0.0400 ± 0.0115 | 0.8500 ± 0.0577 | -0.0500 ± 0.0000 |" in soft_or_row
+    assert "| 20.0% ± 0.0% | +5.0 ± 2.9 |" in soft_or_row
+    assert "| 2 | 0.5500 ± 0.0500 | +0.0750 ± 0.0250 |" in q3_row
+    assert "| `q3:0.1` | 10.0% | 0.0% | 80.0% | 10.0% | 25.0% |" in summary
+
+    one_seed = summary_markdown([r for r in rows if r["seed"] == 0], None).split("## Kept tokens")[0]
+    assert "| `all:1` | 1 | 0.5000 | – |" in one_seed, "no ± with a single seed"
+    assert "| `soft_or:0.5` | 1 | 0.4400 | -0.0600 |" in one_seed
+    png = Path(
+        plot_study(rows, {"teacher": {"accuracy": 0.3}, "student_before": {"accuracy": 0.02}}, tmp_path / "s.png")
+    )
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob("*.incomplete"))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--rules", "all:1.0", "magic:0.5"], "unknown rule 'magic'.*soft_or_bottom"),
+        (["--rules", "soft_or:1.5"], r"--rules: the ratio in 'soft_or:1.5' must be in \(0, 1\]"),
+        (["--rules", "soft_or:0"], r"must be in \(0, 1\]"),
+        (["--rules", "soft_or:half"], "is not a number"),
+        (["--rules", "soft_or"], "needs a ratio"),
+        (["--rules", "all:0.5"], "its ratio is 1.0"),
+        (["--rules", "quadrant:0.5"], "not a study rule"),
+        (["--rules", "q3:0.1", "q3:0.10"], "lists a rule twice"),
+        (["--seeds", "0", "0"], "lists a seed twice"),
+        (["--steps", "0"], "--steps must be a positive integer"),
+        (["--batch-size", "6", "--num-rollouts-per-prompt", "4"], "must divide --batch-size"),
+    ],
+)
+def test_bad_grid_fails_before_any_model_is_loaded(argv, message, tmp_path, monkeypatch, capsys):
+    import trl_tip.demo.command as demo_command
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(demo_command, "load_models", no_loading)
+    out = tmp_path / "study"
+    with pytest.raises(ValueError, match=message):
+        parse_args([*argv, "--output-dir", str(out)])
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["study", *argv, "--output-dir", str(out)])
+    assert str(exit_info.value.code).startswith("trl-tip study: ")
+    assert not out.exists(), "nothing is written for a bad grid"
+
+
+def test_empty_or_malformed_grid_names_the_option(tmp_path, monkeypatch, capsys):
+    import trl_tip.demo.command as demo_command
+
+    monkeypatch.setattr(demo_command, "load_models", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ValueError, match="--rules is empty"):
+        StudyArguments(rules=[])
+    with pytest.raises(ValueError, match="--seeds is empty"):
+        StudyArguments(seeds=[])
+    with pytest.raises(ValueError, match="--seeds must be non-negative integers.*'x' is not one"):
+        StudyArguments(seeds="0,x")
+    with pytest.raises(ValueError, match="--seeds must be non-negative integers"):
+        StudyArguments(seeds=[-1])
+    assert StudyArguments(seeds="0, 1 2").seeds == [0, 1, 2]
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump({"rules": [], "seeds": [0]}))
+    with pytest.raises(ValueError, match="--rules is empty"):
+        parse_args(["--config", str(config)])
+    config.write_text(yaml.safe_dump({"seeds": ["zero"]}))
+    with pytest.raises(ValueError, match="--seeds must be non-negative integers"):
+        parse_args(["--config", str(config)])
+    # On the command line argparse itself rejects what does not parse, naming the option.
+    with pytest.raises(SystemExit):
+        cli_main(["study", "--seeds", "a", "--output-dir", str(tmp_path / "o")])
+    assert "argument --seeds: invalid int value: 'a'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["study", "--rules", "--output-dir", str(tmp_path / "o")])
+    assert "argument --rules" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_folder_with_other_settings_is_refused_before_loading(tiny_models, tmp_path, monkeypatch):
+    import trl_tip.demo.command as demo_command
+
+    folder = tmp_path / "study"
+    folder.mkdir()
+    args = quick_args(tiny_models, folder)
+    (folder / "study.json").write_text(json.dumps({"settings": {**args.settings(), "steps": 99}}))
+
+    class Loading(Exception):
+        pass
+
+    def loading(*args, **kwargs):
+        raise Loading
+
+    # Nothing was computed under the old settings (say a first attempt named a wrong model): the new ones apply.
+    monkeypatch.setattr(demo_command, "load_models", loading)
+    with pytest.raises(Loading):
+        run_study(args)
+    assert json.loads((folder / "study.json").read_text())["settings"]["steps"] == 2
+    # Once something was computed, other settings are refused before any model loads.
+    (folder / "baselines.json").write_text("{}")
+    monkeypatch.setattr(demo_command, "load_models", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ValueError, match="holds a study with other settings.*steps: 2 there, 3 now"):
+        run_study(quick_args(tiny_models, folder, steps=3))
+
+
+def test_default_grid_yaml_flags_and_help(capsys):
+    defaults = StudyArguments()
+    assert defaults.rules == [
+        "all:1",
+        "soft_or:0.5",
+        "soft_or_bottom:0.5",
+        "entropy_sampling:0.5",
+        "q3:0.1",
+        "random:0.5",
+    ]
+    assert defaults.seeds == list(DEFAULT_SEEDS) == [0, 1, 2] and len(defaults.grid) == 18
+    assert parse_args(["--config", str(REPO / "recipes" / "study" / "default.yaml")]) == defaults
+    args = parse_args(["--config", str(REPO / "recipes" / "study" / "default.yaml"), "--seeds", "4", "--steps", "3"])
+    assert (args.seeds, args.steps, args.rules) == ([4], 3, defaults.rules)
+    assert parse_args(["--output_dir", "a", "--learning-rate", "1e-4"]).output_dir == "a"
+    assert parse_args(["--output-dir", "b"]).output_dir == "b"
+    assert set(STUDY_SELECTORS) == {
+        "all",
+        "random",
+        "entropy_topk",
+        "entropy_sampling",
+        "divergence_topk",
+        "soft_or",
+        "soft_or_bottom",
+        "q3",
+    }
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["study", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for needle in ("--rules", "--seeds", "name:ratio", "--config", "--keep-models", *DEFAULT_RULES[1:]):
+        assert needle in text, needle
+    cli_main(["--help"])
+    assert "study" in capsys.readouterr().out
+
+
+def test_keep_models_saves_each_student(tiny_models, tmp_path):
+    from trl_tip.demo.model_source import load_causal_lm
+
+    args = quick_args(tiny_models, tmp_path / "kept", rules=("random:0.5",))
+    args.keep_models = True
+    run_study(args)
+    model, _ = load_causal_lm(str(tmp_path / "kept" / "models" / "random-0.5-seed0"))
+    assert model.config.num_hidden_layers == 1
+    shutil.rmtree(tmp_path / "kept")
+
+
+def test_held_out_kls_match_the_demo_and_cached_teacher_states_change_nothing(tiny_models):
+    from trl_tip.demo.heldout import greedy_rollouts, mean_reverse_kl
+    from trl_tip.demo.model_source import load_causal_lm
+    from trl_tip.study.evaluation import completion_states, mean_token_kls
+
+    teacher, tokenizer = load_causal_lm(str(tiny_models / "teacher"))
+    student, _ = load_causal_lm(str(tiny_models / "student"))
+    prompts = [[{"role": "user", "content": f"What is {i} plus {i + 2}?"}] for i in range(5)]
+    rollouts = greedy_rollouts(teacher, tokenizer, prompts, 6, batch_size=2)
+    kls = mean_token_kls(student, teacher, tokenizer, rollouts, batch_size=2)
+    assert kls["reverse_kl"] == pytest.approx(mean_reverse_kl(student, teacher, tokenizer, rollouts, batch_size=2))
+    assert kls["forward_kl"] > 0
+    states = completion_states(teacher, tokenizer, rollouts, batch_size=2)
+    assert [len(s) for s in states] == [len(c) for c in rollouts.completion_ids]
+    assert mean_token_kls(student, teacher, tokenizer, rollouts, batch_size=2, teacher_states=states) == kls
+    same = mean_token_kls(teacher, teacher, tokenizer, rollouts, batch_size=2, teacher_states=states)
+    assert same["reverse_kl"] == pytest.approx(0.0, abs=1e-6) and same["forward_kl"] == pytest.approx(0.0, abs=1e-6)
