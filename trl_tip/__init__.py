@@ -6,34 +6,8 @@ Layers, bottom up: `trl_tip.core` (the math, no trainer), `trl_tip.trainer` (`TI
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .core import (
-    QUADRANT_NAMES,
-    SELECTORS,
-    AllTokens,
-    DivergenceTopK,
-    EntropySampling,
-    EntropyTopK,
-    HistogramSpec,
-    Q3Overconfidence,
-    QuadrantCounts,
-    QuadrantSelector,
-    QuadrantTracker,
-    RandomTokens,
-    RatioSelector,
-    Selection,
-    SoftOr,
-    SoftOrBottom,
-    TokenSelector,
-    TokenStats,
-    build_selector,
-    classify_quadrants,
-    clip_and_minmax,
-    compute_token_stats,
-    kept_per_sequence,
-    masked_gjsd_loss,
-    resolve_selection,
-    top_k_mask,
-)
+from . import core
+from .core import *  # noqa: F403  (the math is the package's public API, listed once in core.__all__)
 
 
 # The training glue (TRL's trainer, transformers, accelerate) loads on first use, so the math above can be imported,
@@ -54,33 +28,4 @@ try:
 except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-__all__ = [
-    "QUADRANT_NAMES",
-    "SELECTORS",
-    "AllTokens",
-    "DivergenceTopK",
-    "EntropySampling",
-    "EntropyTopK",
-    "HistogramSpec",
-    "Q3Overconfidence",
-    "QuadrantCounts",
-    "QuadrantSelector",
-    "QuadrantTracker",
-    "RandomTokens",
-    "RatioSelector",
-    "Selection",
-    "SoftOr",
-    "SoftOrBottom",
-    "TIPConfig",
-    "TIPGKDTrainer",
-    "TokenSelector",
-    "TokenStats",
-    "build_selector",
-    "classify_quadrants",
-    "clip_and_minmax",
-    "compute_token_stats",
-    "kept_per_sequence",
-    "masked_gjsd_loss",
-    "resolve_selection",
-    "top_k_mask",
-]
+__all__ = sorted([*core.__all__, "TIPConfig", "TIPGKDTrainer"])
