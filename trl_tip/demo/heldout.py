@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -57,21 +58,18 @@ def answer_accuracy(texts: list[str], answers: list[int]) -> float:
     return sum(grade(t, str(a), "number").correct for t, a in zip(texts, answers, strict=True)) / len(texts)
 
 
-def _last_hidden(model, input_ids, attention_mask):
+def last_hidden(model, input_ids, attention_mask):
+    """The backbone's last hidden states, with position ids that skip the left padding."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     return model.base_model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
     ).last_hidden_state
 
 
-@torch.no_grad()
-def mean_reverse_kl(
-    student, teacher, tokenizer, rollouts: Rollouts, batch_size: int = 16, temperature: float = 1.0
-) -> float:
-    """Mean over completion tokens of KL(student || teacher), on the given (student) rollouts."""
-    total, count = 0.0, 0
-    pad = tokenizer.pad_token_id
-    for start in tqdm(range(0, len(rollouts.prompt_ids), batch_size), desc="Scoring KL", unit="batch"):
+def completion_batches(rollouts: Rollouts, batch_size: int, pad: int):
+    """Left-padded prompt + right-padded completion batches, with the slice of states that predict the completion:
+    yields `(start, ids, attention, completion_mask, span)`."""
+    for start in range(0, len(rollouts.prompt_ids), batch_size):
         prompts = rollouts.prompt_ids[start : start + batch_size]
         completions = rollouts.completion_ids[start : start + batch_size]
         p_width = max(len(p) for p in prompts)
@@ -85,9 +83,22 @@ def mean_reverse_kl(
             attention[i, p_width - len(p) : p_width + len(c)] = 1
             completion_mask[i, : len(c)] = 1
         # The state at position t predicts token t + 1: the completion tokens are predicted from p_width - 1 on.
-        span = slice(p_width - 1, p_width - 1 + c_width)
-        h_s = _last_hidden(student, ids, attention)[:, span]
-        h_t = _last_hidden(teacher, ids, attention)[:, span]
+        yield start, ids, attention, completion_mask, slice(p_width - 1, p_width - 1 + c_width)
+
+
+@torch.no_grad()
+def mean_reverse_kl(
+    student, teacher, tokenizer, rollouts: Rollouts, batch_size: int = 16, temperature: float = 1.0
+) -> float:
+    """Mean over completion tokens of KL(student || teacher), on the given (student) rollouts."""
+    total, count = 0.0, 0
+    batches = completion_batches(rollouts, batch_size, tokenizer.pad_token_id)
+    total_batches = math.ceil(len(rollouts.prompt_ids) / batch_size)
+    for _, ids, attention, completion_mask, span in tqdm(
+        batches, desc="Scoring KL", unit="batch", total=total_batches
+    ):
+        h_s = last_hidden(student, ids, attention)[:, span]
+        h_t = last_hidden(teacher, ids, attention)[:, span]
         stats = compute_token_stats(
             h_s,
             h_t,

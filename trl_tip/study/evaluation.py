@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.stats import compute_token_stats
-from ..demo.heldout import Rollouts, answer_accuracy, greedy_rollouts
+from ..demo.heldout import Rollouts, answer_accuracy, completion_batches, greedy_rollouts, last_hidden
 from .grid import StudyArguments
 
 
@@ -57,32 +57,6 @@ def _dataset_problems(name: str, n_train: int, n_eval: int, seed: int):
     return train.select_columns(["prompt"]), held_out
 
 
-def _last_hidden(model, input_ids, attention_mask):
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return model.base_model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-    ).last_hidden_state
-
-
-def _batches(rollouts: Rollouts, batch_size: int, pad: int):
-    """Left-padded prompt + right-padded completion batches, with the slice of states that predict the completion."""
-    for start in range(0, len(rollouts.prompt_ids), batch_size):
-        prompts = rollouts.prompt_ids[start : start + batch_size]
-        completions = rollouts.completion_ids[start : start + batch_size]
-        p_width = max(len(p) for p in prompts)
-        c_width = max(1, max(len(c) for c in completions))
-        ids = torch.full((len(prompts), p_width + c_width), pad, dtype=torch.long)
-        attention = torch.zeros_like(ids)
-        completion_mask = torch.zeros(len(prompts), c_width, dtype=torch.long)
-        for i, (p, c) in enumerate(zip(prompts, completions)):
-            ids[i, p_width - len(p) : p_width] = p
-            ids[i, p_width : p_width + len(c)] = c
-            attention[i, p_width - len(p) : p_width + len(c)] = 1
-            completion_mask[i, : len(c)] = 1
-        # The state at position t predicts token t + 1: the completion tokens are predicted from p_width - 1 on.
-        yield start, ids, attention, completion_mask, slice(p_width - 1, p_width - 1 + c_width)
-
-
 @torch.no_grad()
 def completion_states(model, tokenizer, rollouts: Rollouts, batch_size: int = 16, desc: str = "States") -> list:
     """Per rollout, the model's last hidden states `(len(completion), H)` that predict its completion tokens.
@@ -91,11 +65,11 @@ def completion_states(model, tokenizer, rollouts: Rollouts, batch_size: int = 16
     `mean_token_kls(..., teacher_states=...)` reuses them, batched exactly as they were computed."""
     model.eval()
     states = []
-    batches = _batches(rollouts, batch_size, tokenizer.pad_token_id)
+    batches = completion_batches(rollouts, batch_size, tokenizer.pad_token_id)
     for _, ids, attention, completion_mask, span in tqdm(
         batches, desc=desc, unit="batch", total=_count(rollouts, batch_size)
     ):
-        hidden = _last_hidden(model, ids, attention)[:, span]
+        hidden = last_hidden(model, ids, attention)[:, span]
         states += [h[: int(n)].clone() for h, n in zip(hidden, completion_mask.sum(-1))]
     return states
 
@@ -122,13 +96,13 @@ def mean_token_kls(
     student.eval()
     teacher.eval()
     reverse, forward, count = [], [], []
-    batches = _batches(rollouts, batch_size, tokenizer.pad_token_id)
+    batches = completion_batches(rollouts, batch_size, tokenizer.pad_token_id)
     for start, ids, attention, completion_mask, span in tqdm(
         batches, desc=desc, unit="batch", total=_count(rollouts, batch_size)
     ):
-        h_s = _last_hidden(student, ids, attention)[:, span]
+        h_s = last_hidden(student, ids, attention)[:, span]
         if teacher_states is None:
-            h_t = _last_hidden(teacher, ids, attention)[:, span]
+            h_t = last_hidden(teacher, ids, attention)[:, span]
         else:
             h_t = torch.zeros(h_s.shape[:2] + (teacher_states[start].shape[-1],), dtype=teacher_states[start].dtype)
             for i, state in enumerate(teacher_states[start : start + len(ids)]):
