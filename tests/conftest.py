@@ -66,12 +66,13 @@ def smollm2_dir(tmp_path_factory):
         pytest.skip(reason)
 
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+EVAL_DATA = Path(__file__).resolve().parent / "data" / "eval"
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The offline copies of MATH-500, AIME 2024/2025, AMC 2023 and GSM8K beside the repository (../shared/data)."""
-    if not (SHARED_DATA / "math500.jsonl").is_file():
-        raise FileNotFoundError(f"The evaluation data is expected at {SHARED_DATA} (the checkout's ../shared/data).")
-    return SHARED_DATA
+    """Offline copies of MATH-500, AIME 2024/2025, AMC 2023 and the GSM8K test split, shipped in
+    tests/data/eval/ (see tests/data/eval/README.md for sources and licences), so a clone tests itself."""
+    if not (EVAL_DATA / "math500.jsonl").is_file():
+        raise FileNotFoundError(f"The evaluation data is expected at {EVAL_DATA}.")
+    return EVAL_DATA

@@ -14,7 +14,7 @@ from trl_tip.train import load_prompt_dataset, make_parser, run
 ROOT = paths.ROOT
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if not {"accelerate", "study"} & set(p.parts))
 ACCELERATE = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
-SHARED_DATA = ROOT.parent / "shared" / "data"
+SHARED_DATA = paths.DATA / "eval"
 
 
 def test_there_is_a_recipe_per_pair_and_variant():
@@ -118,9 +118,7 @@ def test_console_script_and_module_entry_points(tiny_models, tmp_path):
     assert bad.returncode != 0 and "`selection_ratio` must be a number in (0, 1]; got 1.5" in bad.stderr
 
 
-@pytest.mark.skipif(
-    not (SHARED_DATA / "gsm8k_test.jsonl").is_file(), reason="../shared/data is not beside the checkout"
-)
+@pytest.mark.skipif(not (SHARED_DATA / "gsm8k_test.jsonl").is_file(), reason="tests/data/eval is missing")
 def test_gsm8k_jsonl_gets_conversational_prompts():
     dataset = load_prompt_dataset(str(SHARED_DATA / "gsm8k_test.jsonl"))["train"]
     assert dataset.num_rows > 1000
