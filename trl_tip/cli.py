@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass, field
 
 
 COMMANDS = {
@@ -17,27 +17,45 @@ COMMANDS = {
 }
 
 
-def tiny_models(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="trl-tip tiny-models", description=COMMANDS["tiny-models"])
-    parser.add_argument(
-        "--output-dir", default="outputs/tiny-models", help="Folder for student/, teacher/, prompts.jsonl"
+# The versions `trl-tip --version` reports: trl-tip's, then those of the libraries it builds on.
+VERSIONED = ("trl-tip", "trl", "transformers", "torch")
+
+
+@dataclass
+class TinyModelsArguments:
+    output_dir: str = field(
+        default="outputs/tiny-models", metadata={"help": "Folder for student/, teacher/, prompts.jsonl"}
     )
-    parser.add_argument("--num-prompts", type=int, default=64)
-    args = parser.parse_args(argv)
+    num_prompts: int = field(default=64, metadata={"help": "Prompts written to prompts.jsonl."})
 
-    import os
 
-    from .testing import tiny_causal_lm, tiny_math_dataset, tiny_tokenizer
+def parse_tiny_models_args(argv: list[str] | None = None) -> TinyModelsArguments:
+    from transformers import HfArgumentParser
 
-    tokenizer = tiny_tokenizer()
-    for name, model in (
-        ("student", tiny_causal_lm(tokenizer, hidden_size=64, seed=0)),
-        ("teacher", tiny_causal_lm(tokenizer, hidden_size=128, seed=1)),
-    ):
-        path = os.path.join(args.output_dir, name)
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-    tiny_math_dataset(args.num_prompts).to_json(os.path.join(args.output_dir, "prompts.jsonl"))
+    parser = HfArgumentParser(TinyModelsArguments, prog="trl-tip tiny-models", description=COMMANDS["tiny-models"])
+    (args,) = parser.parse_args_into_dataclasses(argv)
+    return args
+
+
+def version_text() -> str:
+    """`trl-tip <version>`, then the installed trl, transformers and torch, one per line (from package metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    lines = []
+    for name in VERSIONED:
+        try:
+            lines.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            lines.append(f"{name} (not installed)")
+    return "\n".join(lines)
+
+
+def tiny_models(argv: list[str]) -> None:
+    args = parse_tiny_models_args(argv)
+
+    from .testing import save_tiny_pair
+
+    save_tiny_pair(args.output_dir, num_prompts=args.num_prompts)
     print(f"Wrote {args.output_dir}/student, {args.output_dir}/teacher and {args.output_dir}/prompts.jsonl")
 
 
@@ -52,10 +70,20 @@ def main(argv: list[str] | None = None) -> None:
             "commands:",
         ]
         lines += [f"  {name:<12} {text}" for name, text in COMMANDS.items()]
-        lines += ["", "Run `trl-tip <command> --help` for a command's options."]
+        lines += [
+            "",
+            "options:",
+            "  -h, --help   show this message",
+            "  --version    print the versions of trl-tip, trl, transformers and torch",
+            "",
+            "Run `trl-tip <command> --help` for a command's options; each option is spelled `--a_b` or `--a-b`.",
+        ]
         print("\n".join(lines))
         if not argv:
             sys.exit(2)
+        return
+    if argv[0] == "--version":
+        print(version_text())
         return
     command, rest = argv[0], argv[1:]
     if command == "demo":

@@ -53,11 +53,13 @@ def tiny_causal_lm(
     num_layers: int = 2,
     seed: int = 0,
     tie_word_embeddings: bool = False,
+    vocab_size: int | None = None,
 ) -> Qwen3ForCausalLM:
     """A randomly initialized Qwen3 model over `tokenizer`'s vocabulary; head_dim 64 so vLLM's CPU attention runs
-    it."""
+    it. `vocab_size` (embedding and head rows, default `len(tokenizer)`) may pad the vocabulary past the tokenizer, as
+    real checkpoints do (Qwen2.5-1.5B: 151936 rows, Qwen2.5-14B: 152064, for 151665 tokens)."""
     config = Qwen3Config(
-        vocab_size=len(tokenizer),
+        vocab_size=len(tokenizer) if vocab_size is None else vocab_size,
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers,
@@ -92,3 +94,28 @@ def tiny_math_dataset(n: int = 16, with_completions: bool = False, seed: int = 0
             row["completion"] = [{"role": "assistant", "content": f"The answer is {a + b}."}]
         rows.append(row)
     return Dataset.from_list(rows)
+
+
+def save_tiny_pair(
+    output_dir: str,
+    num_prompts: int = 16,
+    student_vocab_size: int | None = None,
+    teacher_vocab_size: int | None = None,
+) -> None:
+    """
+    Writes a tiny random student (hidden size 64) and teacher (128), each with the tiny tokenizer, to
+    `<output_dir>/student` and `<output_dir>/teacher`, and `num_prompts` prompts to `<output_dir>/prompts.jsonl`: what
+    `trl-tip tiny-models` writes. The vocab sizes (default: the tokenizer's length) pad the heads past the tokenizer,
+    e.g. by different amounts, like Qwen2.5-1.5B's and Qwen2.5-14B's heads.
+    """
+    import os
+
+    tokenizer = tiny_tokenizer()
+    for name, model in (
+        ("student", tiny_causal_lm(tokenizer, hidden_size=64, seed=0, vocab_size=student_vocab_size)),
+        ("teacher", tiny_causal_lm(tokenizer, hidden_size=128, seed=1, vocab_size=teacher_vocab_size)),
+    ):
+        path = os.path.join(output_dir, name)
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    tiny_math_dataset(num_prompts).to_json(os.path.join(output_dir, "prompts.jsonl"))

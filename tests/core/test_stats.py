@@ -128,7 +128,6 @@ def test_nan_at_padding_is_ignored_but_nan_at_valid_token_is_rejected():
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda a: a.update(w_t=torch.randn(V + 1, H_T)), "share one vocabulary"),
         (lambda a: a.update(mask=torch.ones(B, C + 1)), r"`mask` must have shape \(B, C\)"),
         (lambda a: a.update(h_t=torch.randn(B, C - 1, H_T)), "same \\(B, C\\) positions"),
         (lambda a: a.update(h_s=torch.randn(B * C, H_S)), "must have shape \\(B, C, H\\)"),

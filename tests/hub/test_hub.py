@@ -137,7 +137,8 @@ def test_push_a_finished_run_and_read_it_back(tiny_run, tmp_path):
         "tip_stats/histogram.jsonl",
         "tip_stats/tracker.json",
     } <= set(local)
-    assert {"trl", "trl-tip", "distillation", "tip"} <= set(got["card_tags"]) and got["card_license"] == "apache-2.0"
+    # The student was built in memory: it has no base model, so no licence is claimed for it.
+    assert {"trl", "trl-tip", "distillation", "tip"} <= set(got["card_tags"]) and got["card_license"] is None
     summary = json.loads((tiny_run / "eval" / "gsm8k_test" / "summary.json").read_text())
     assert got["eval_results"] == [["gsm8k_test", "mean@2", round(100 * summary["mean@2"], 2)]]
     assert ("POST", "/api/validate-yaml") in [(m, p) for m, p, _ in requests]  # the server checked the card's YAML
@@ -276,3 +277,58 @@ def test_tiny_run_card_matches_the_golden_file(pristine_run):
     assert card == GOLDEN_CARD.read_text(), "card changed; rerun with TRL_TIP_UPDATE_GOLDEN=1 and review the diff"
     parsed = ModelCard(card)
     assert parsed.data.datasets == ["tiny-sums"] and parsed.data.pipeline_tag == "text-generation"
+
+
+def local_model_trainer(tmp_path: Path, student_card: str | None):
+    """A trainer whose student and teacher were loaded from local folders (the student's with `student_card` as its
+    README.md), as `trl-tip train --model_name_or_path <folder>` builds it."""
+    from transformers import AutoModelForCausalLM
+
+    from trl_tip import TIPConfig, TIPGKDTrainer
+    from trl_tip.testing import tiny_causal_lm, tiny_math_dataset, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    for name, model in (
+        ("student", tiny_causal_lm(tokenizer, seed=0)),
+        ("teacher", tiny_causal_lm(tokenizer, seed=1)),
+    ):
+        model.save_pretrained(tmp_path / name)
+    if student_card is not None:
+        (tmp_path / "student" / "README.md").write_text(student_card)
+    args = TIPConfig(output_dir=str(tmp_path / "run"), report_to="none", use_cpu=True, bf16=False, max_steps=1)
+    return TIPGKDTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tmp_path / "student"),
+        teacher_model=AutoModelForCausalLM.from_pretrained(tmp_path / "teacher"),
+        args=args,
+        train_dataset=tiny_math_dataset(4),
+        processing_class=tokenizer,
+    )
+
+
+@pytest.mark.parametrize("student_card, license", [("---\nlicense: mit\n---\n\n# Student\n", "mit"), (None, None)])
+def test_trainer_card_takes_the_students_licence_and_names_local_models_without_paths(tmp_path, student_card, license):
+    from huggingface_hub import ModelCard
+
+    local_model_trainer(tmp_path, student_card).create_model_card(model_name="tip-student")
+    card = ModelCard.load(tmp_path / "run" / "README.md")
+    assert card.data.license == license and card.data.base_model is None
+    assert ("license:" in card.content) == (license is not None), "no licence line when the base states none"
+    assert "| teacher | teacher (local model) |" in card.text and "| student | student (local model) |" in card.text
+    assert "model_name_or_path: student\n" in card.text and "teacher_model_name_or_path: teacher\n" in card.text
+    for name in ("README.md", "tip_card.json"):
+        assert str(tmp_path) not in (tmp_path / "run" / name).read_text(), name
+
+
+def test_a_card_write_that_fails_midway_leaves_the_previous_card_whole(pristine_run, tmp_path):
+    from trl_tip.core.quadrants import QuadrantTracker
+    from trl_tip.hub.model_card import load_card_context, write_student_card
+
+    run_dir = tmp_path / "run"
+    (run_dir / "tip_stats").mkdir(parents=True)
+    tracker = QuadrantTracker.load(pristine_run / "tip_stats")
+    context = load_card_context(pristine_run)
+    first = write_student_card(run_dir, tracker, **context)
+    # A lone surrogate cannot be encoded as UTF-8: the write fails after the file was opened, as a full disk would.
+    with pytest.raises(UnicodeEncodeError):
+        write_student_card(run_dir, tracker, **{**context, "model_name": "broken \ud800 name"})
+    assert (run_dir / "README.md").read_text(encoding="utf-8") == first

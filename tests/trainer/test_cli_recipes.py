@@ -34,7 +34,8 @@ def test_recipe_parses_and_validates(recipe, tmp_path):
     assert isinstance(config, TIPConfig)
     raw = yaml.safe_load(recipe.read_text())
     assert config.token_selector == raw["token_selector"]
-    assert config.selection_ratio == raw.get("selection_ratio", 0.5)
+    # Unset, the ratio is 0.5 for the ratio selectors and 1.0 (every token) for `all`.
+    assert config.selection_ratio == raw.get("selection_ratio", 1.0 if raw["token_selector"] == "all" else 0.5)
     assert config.beta == 1.0 and config.temperature == 1.0
     assert model_args.model_name_or_path and config.teacher_model_name_or_path and script_args.dataset_name
     config.build_selector()
@@ -82,6 +83,31 @@ def test_train_runs_the_tiny_recipe(tiny_models, tmp_path):
     assert trainer.state.global_step == 2
     assert (tmp_path / "model.safetensors").is_file()
     assert (tmp_path / "tip_stats" / "steps.jsonl").is_file()
+
+
+def test_qwen25_recipe_starts_with_heads_of_different_sizes(tmp_path, caplog):
+    """`qwen25_14b_to_1p5b/soft_or_50.yaml` on tiny stand-ins whose heads pad one tokenizer (320 tokens) to different
+    sizes, the teacher's more, like Qwen2.5-14B's 152064 rows and Qwen2.5-1.5B's 151936: the trainer starts and trains
+    on the shared rows. Overridden for a CPU step: the models and data, float32, no vLLM, 8-token completions."""
+    import math
+
+    from trl_tip.testing import save_tiny_pair
+
+    save_tiny_pair(str(tmp_path / "models"), student_vocab_size=328, teacher_vocab_size=360)
+    with caplog.at_level("WARNING", logger="trl_tip"):
+        trainer = run(
+            [
+                "--config",
+                str(ROOT / "recipes" / "qwen25_14b_to_1p5b" / "soft_or_50.yaml"),
+                *tiny_overrides(tmp_path / "models", tmp_path / "out"),
+                *("--max_steps", "1", "--max_completion_length", "8", "--use_vllm", "false"),
+                *("--dtype", "float32", "--bf16", "false", "--use_cpu", "true"),
+            ]
+        )
+    assert trainer.args.token_selector == "soft_or" and trainer.args.num_rollouts_per_prompt == 16
+    assert trainer.state.global_step == 1
+    assert math.isfinite(trainer.state.log_history[0]["loss"])
+    assert "use the 328 rows both heads share and ignore the teacher head's rows 328-359" in caplog.text
 
 
 def test_console_script_and_module_entry_points(tiny_models, tmp_path):

@@ -1,7 +1,9 @@
 """Two gloo processes (DDP on CPU) train like one process with the same global batch: global normalization and
-globally reduced quadrant counts, end to end through `accelerate launch`."""
+globally reduced quadrant counts, end to end through `accelerate launch`, also when one or every process keeps no
+token."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -32,8 +34,15 @@ def launch(
     accelerate_config="ddp_cpu.yaml",
     max_steps=3,
     save_steps=3,
+    gradient_accumulation_steps=2,
+    entry=None,
+    timeout=600,
     extra=(),
 ):
+    """Runs a tiny recipe on `processes` processes and returns its logged losses and `tip_stats` step rows.
+
+    `entry` is a script run in place of `-m trl_tip.train` (e.g. one that gives the trainer a custom selector);
+    flags in `extra` come last and override the ones above."""
     recipe_args = [
         "--config",
         str(ROOT / "recipes" / "tiny_cpu.yaml"),
@@ -54,7 +63,7 @@ def launch(
         "--per_device_train_batch_size",
         str(per_device_batch),
         "--gradient_accumulation_steps",
-        "2",
+        str(gradient_accumulation_steps),
         "--shuffle_dataset",
         "false",
         "--save_strategy",
@@ -63,8 +72,9 @@ def launch(
         str(save_steps),
         *extra,
     ]
+    target = ["-m", "trl_tip.train"] if entry is None else [str(entry)]
     if processes == 1:
-        command = [sys.executable, "-m", "trl_tip.train", *recipe_args]
+        command = [sys.executable, *target, *recipe_args]
     else:
         accelerate = shutil.which("accelerate") or "accelerate"
         config = ROOT / "recipes" / "accelerate" / accelerate_config
@@ -75,12 +85,11 @@ def launch(
             str(config),
             "--main_process_port",
             "0",
-            "-m",
-            "trl_tip.train",
+            *target,
             *recipe_args,
         ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]
     state = json.loads((output_dir / f"checkpoint-{max_steps}" / "trainer_state.json").read_text())
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
@@ -142,3 +151,164 @@ def test_zero3_on_two_processes_matches_ddp_resumes_and_saves_a_loadable_student
         assert a.shape == b.shape and a.abs().sum() > 0, name
     assert (tmp_path / "zero3" / "tip_stats" / "steps.jsonl").is_file()
     assert (checkpoint / "tip_stats" / "steps.jsonl").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A process that keeps no token. A selector whose kept count follows from the statistics (`quadrant`, any callable) can
+# keep nothing on one process while another keeps many. With `loss_normalization="selected"` TIP then normalizes each
+# micro-batch by its kept count summed over processes (`TIPGKDTrainer._estimated_selected_count`): every process
+# divides its own kept divergence by `max(K * accumulation_steps, 1) / processes`, K the count kept by all processes,
+# and DDP / ZeRO-3 average the gradients. With one accumulation step the global micro-batch is the one-process
+# micro-batch, so that is exactly the one-process loss `sum / K` and its gradient: the logged loss (the mean over
+# processes) and the SGD update must equal one process's on the same 4 rollouts per step, and a step where K = 0 has
+# loss 0 and a zero gradient. With more accumulation steps they need not be equal: TRL shuffles each process's
+# generation batch before cutting it into micro-batches, so one and two processes group the rollouts differently, and
+# each micro-batch's count stands for the others' (the documented estimate). (`loss_normalization="all"` divides by
+# TRL's valid-token count, fixed by the masks at rollout time, which the selection cannot make zero.)
+
+SHORT_ROLLOUTS_RUN = paths.TESTS / "trainer" / "short_rollouts_run.py"
+# Row by row, which dataset completions are long (dropped whole by `keep_short_rollouts`). With 4 rollouts per step,
+# rows 0-1 of each step go to process 0 and rows 2-3 to process 1: step 1 leaves process 1 with nothing, step 2 leaves
+# everybody with nothing, step 3 leaves the main process with nothing, and in step 4 the processes keep 1 and 2
+# rollouts (there a per-process count would differ from the global one).
+LONG_ROWS = [False, False, True, True] + [True] * 4 + [True, True, False, False] + [False, True, False, False]
+SHORT_ROLLOUTS_FLAGS = (
+    "--max_completion_length",
+    "16",  # long completions are cut to 16 tokens; short ones have 11-13 (short_rollouts_run.SHORT_ROLLOUT_TOKENS)
+    # Plain SGD at a constant rate without clipping: the update is the gradient times the rate, so it compares the
+    # gradients' scale too (Adam's first step and clipping would hide a wrong normalizer).
+    "--optim",
+    "sgd",
+    "--learning_rate",
+    "0.5",
+    "--lr_scheduler_type",
+    "constant",
+    "--max_grad_norm",
+    "0",
+)
+
+
+def long_and_short_completions(path: Path):
+    from trl_tip.testing import tiny_math_dataset
+
+    def lengthen(row, index):
+        if LONG_ROWS[index]:
+            content = row["completion"][0]["content"] + " Tom has 3 apples and buys 5 more. He has 8 apples."
+            row["completion"] = [{"role": "assistant", "content": content}]
+        return row
+
+    tiny_math_dataset(len(LONG_ROWS), with_completions=True).map(lengthen, with_indices=True).to_json(str(path))
+
+
+def run_keeping_short_rollouts(
+    tiny_models, data, output_dir, processes, accelerate_config="ddp_cpu.yaml", save_steps=4
+):
+    losses, steps = launch(
+        tiny_models,
+        data,
+        output_dir,
+        processes=processes,
+        per_device_batch=4 // processes,
+        accelerate_config=accelerate_config,
+        max_steps=4,
+        save_steps=save_steps,
+        gradient_accumulation_steps=1,
+        entry=SHORT_ROLLOUTS_RUN,
+        timeout=240,  # a hang fails the test rather than the suite
+        extra=SHORT_ROLLOUTS_FLAGS,
+    )
+    rows = [json.loads(line) for path in output_dir.glob("selection_rank*.jsonl") for line in open(path)]
+    return losses, steps, {(row["step"], row["rank"]): row for row in rows}
+
+
+def student_weights(directory: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(directory / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def one_process_keeping_short_rollouts(tiny_models, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("short-rollouts")
+    data = tmp / "long_and_short.jsonl"
+    long_and_short_completions(data)
+    output_dir = tmp / "single"
+    # Checkpoints after every step, to see that the step that keeps nothing leaves the student as it was.
+    losses, steps, per_process = run_keeping_short_rollouts(tiny_models, data, output_dir, processes=1, save_steps=1)
+    return data, losses, steps, per_process, output_dir
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("accelerate_config", ["ddp_cpu.yaml", "zero3_cpu.yaml"])
+def test_a_process_that_keeps_nothing_trains_like_one_process(
+    accelerate_config, one_process_keeping_short_rollouts, tiny_models, tmp_path
+):
+    if accelerate_config.startswith("zero3"):
+        pytest.importorskip("deepspeed", reason="the `deepspeed` extra is not installed")
+    import torch
+
+    data, single_losses, single_steps, single_rows, single_dir = one_process_keeping_short_rollouts
+    losses, steps, rows = run_keeping_short_rollouts(tiny_models, data, tmp_path, 2, accelerate_config)
+
+    # The runs hold the cases they are meant to: per step, what each process kept.
+    kept = {step: [rows[step, rank]["kept"] for rank in (0, 1)] for step in (1, 2, 3, 4)}
+    assert kept[1][0] > 0 and kept[1][1] == 0, "step 1: process 1 keeps nothing"
+    assert kept[2] == [0, 0], "step 2: no process keeps anything"
+    assert kept[3][0] == 0 and kept[3][1] > 0, "step 3: the main process keeps nothing"
+    assert 0 < kept[4][0] < kept[4][1], "step 4: both keep, unequally"
+    for (step, rank), row in rows.items():
+        assert row["valid"] > 0 and math.isfinite(row["loss"]), (step, rank)
+        if row["kept"] == 0:
+            assert row["loss"] == 0.0, (step, rank)
+        assert single_rows[step, 0]["kept"] == sum(kept[step]), step
+
+    # The logged loss of every step is the one-process loss: 0 where nothing was kept, finite everywhere.
+    assert len(losses) == len(single_losses) == 4
+    assert single_losses[1] == losses[1] == 0.0
+    assert all(math.isfinite(loss) for loss in losses)
+    assert losses == pytest.approx(single_losses, rel=1e-4)
+    for one, two in zip(single_steps, steps):
+        assert (two["num_tokens"], two["num_selected"]) == (one["num_tokens"], one["num_selected"])
+    assert steps[1]["num_selected"] == 0 < steps[1]["num_tokens"]
+
+    # The step that keeps nothing leaves the student unchanged (a zero, not a NaN, gradient), and the four SGD
+    # updates of two processes equal those of one.
+    after_step_1 = student_weights(single_dir / "checkpoint-1")
+    after_step_2 = student_weights(single_dir / "checkpoint-2")
+    initial, single, ours = (student_weights(d) for d in (tiny_models / "student", single_dir, tmp_path))
+    moved = 0.0
+    for name, weight in initial.items():
+        assert torch.equal(after_step_1[name], after_step_2[name]), name
+        assert torch.isfinite(ours[name]).all(), name
+        torch.testing.assert_close(ours[name] - weight, single[name] - weight, rtol=1e-3, atol=1e-6, msg=name)
+        moved = max(moved, float((single[name] - weight).abs().max()))
+    assert moved > 1e-3, "steps 1, 3 and 4 train the student"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Heads that pad one tokenizer to different sizes (Qwen2.5-14B: 152064 rows, Qwen2.5-1.5B: 151936). Under ZeRO-3 the
+# teacher's head is still partitioned when the loss runs, so the statistics and the loss must cut the heads to their
+# shared rows after gathering them (a partitioned parameter cut before has no rows); the student's is gathered by the
+# engine's forward, and a longer one is cut by views that TRL's own gather must leave alone.
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(
+    "student_rows, teacher_rows", [(328, 360), (360, 328)], ids=["longer-teacher", "longer-student"]
+)
+def test_zero3_trains_heads_of_different_sizes_like_one_process(student_rows, teacher_rows, tmp_path):
+    pytest.importorskip("deepspeed", reason="the `deepspeed` extra is not installed")
+    from trl_tip.testing import save_tiny_pair
+
+    models = tmp_path / "models"  # the tiny tokenizer has 320 tokens
+    save_tiny_pair(str(models), student_vocab_size=student_rows, teacher_vocab_size=teacher_rows)
+    data = tmp_path / "completions.jsonl"
+    completions_dataset(data)
+    common = {"max_steps": 2, "save_steps": 2, "gradient_accumulation_steps": 1, "timeout": 300}
+    single_losses, single_steps = launch(models, data, tmp_path / "single", processes=1, per_device_batch=4, **common)
+    zero3_losses, zero3_steps = launch(
+        models, data, tmp_path / "zero3", processes=2, per_device_batch=2, accelerate_config="zero3_cpu.yaml", **common
+    )
+    assert len(zero3_losses) == 2 and all(math.isfinite(loss) and loss > 0 for loss in zero3_losses)
+    assert zero3_losses == pytest.approx(single_losses, rel=1e-4)
+    assert [s["num_selected"] for s in zero3_steps] == [s["num_selected"] for s in single_steps]

@@ -214,7 +214,7 @@ def test_missing_teacher_and_vocab_mismatch_fail_at_construction(tokenizer, tmp_
     with pytest.raises(ValueError, match="TIPGKDTrainer needs a teacher"):
         TIPGKDTrainer(model=student, args=args, train_dataset=tiny_math_dataset(4), processing_class=tokenizer)
     other = tiny_causal_lm(tiny_tokenizer(vocab_size=300))
-    with pytest.raises(ValueError, match="vocab_size 320 but the teacher model has vocab_size 300"):
+    with pytest.raises(ValueError, match="320 tokens but the student head has 320 rows and the teacher head 300"):
         TIPGKDTrainer(
             model=student,
             teacher_model=other,

@@ -6,7 +6,7 @@ import torch
 
 from .checks import check_beta, check_choice, check_finite
 from .stats import LMHeads, TokenStats, compact_positions
-from .trl_kernels import ChunkedDivergenceFunction, DivergenceFromStats
+from .trl_kernels import ChunkedDivergenceFunction, DivergenceFromStats, on_shared_rows
 
 
 LOSS_NORMALIZATIONS = ("selected", "all")
@@ -47,9 +47,11 @@ def masked_gjsd_loss(
         teacher_hidden_states (`torch.Tensor`):
             Teacher backbone output `(B, C, H_t)` aligned to the same tokens.
         student_lm_head_weight (`torch.Tensor`):
-            Student `lm_head` weight `(V, H_s)`.
+            Student `lm_head` weight `(V_s, H_s)`.
         teacher_lm_head_weight (`torch.Tensor`):
-            Teacher `lm_head` weight `(V, H_t)`.
+            Teacher `lm_head` weight `(V_t, H_t)`. The heads may differ in rows (one tokenizer's vocabulary padded to
+            different sizes); the divergence then covers the `min(V_s, V_t)` rows they share, and the student's rows
+            past them get a zero gradient.
         selected_mask (`torch.Tensor`):
             `(B, C)` mask of the tokens that enter the loss (TRL's `completion_mask` at 100% selection).
         beta (`float`, *optional*, defaults to `1.0`):
@@ -68,7 +70,7 @@ def masked_gjsd_loss(
             Global denominator (across gradient accumulation and ranks), as TRL's `num_items_in_batch`: the loss is
             `sum / num_items_in_batch`. The caller counts selected or valid tokens according to `normalization`.
         student_lm_head_bias, teacher_lm_head_bias (`torch.Tensor`, *optional*):
-            `(V,)` head biases.
+            `(V_s,)` and `(V_t,)` head biases.
         student_logit_scale, teacher_logit_scale (`float`, *optional*, defaults to `1.0`):
             Logit multipliers, as TRL reads them from the model config.
         student_final_logit_softcapping, teacher_final_logit_softcapping (`float`, *optional*):
@@ -160,7 +162,8 @@ def _divergence_from_stats(
     """KL(T || S) (`beta` 0) or KL(S || T) (`beta` 1) per selected token, read from `stats`; only the backward
     projects (TRL's `ChunkedDivergenceFunction.backward`)."""
     divergence = stats.reverse_kl if beta == 1.0 else stats.forward_kl
-    return DivergenceFromStats.apply(
+    return on_shared_rows(
+        DivergenceFromStats,
         h_s,
         heads.student_lm_head_weight,
         heads.student_lm_head_bias,
@@ -178,7 +181,8 @@ def _divergence_from_stats(
 
 def _chunked_divergence(h_s: torch.Tensor, h_t: torch.Tensor, heads: LMHeads, beta: float) -> torch.Tensor:
     """The generalized JSD per selected token, forward and backward on TRL's `ChunkedDivergenceFunction` tiles."""
-    per_token_divergence, _ = ChunkedDivergenceFunction.apply(
+    per_token_divergence, _ = on_shared_rows(
+        ChunkedDivergenceFunction,
         h_s,
         heads.student_lm_head_weight,
         heads.student_lm_head_bias,

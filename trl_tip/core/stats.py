@@ -112,15 +112,16 @@ def compute_token_stats(
         teacher_hidden_states (`torch.Tensor`):
             Teacher backbone output `(B, C, H_t)`, aligned to the same tokens.
         student_lm_head_weight (`torch.Tensor`):
-            Student `lm_head` weight `(V, H_s)`.
+            Student `lm_head` weight `(V_s, H_s)`.
         teacher_lm_head_weight (`torch.Tensor`):
-            Teacher `lm_head` weight `(V, H_t)`.
+            Teacher `lm_head` weight `(V_t, H_t)`. The heads may differ in rows (one tokenizer's vocabulary padded to
+            different sizes); the statistics then cover the `min(V_s, V_t)` rows they share.
         mask (`torch.Tensor`):
             `(B, C)` mask; non-zero marks a valid completion token.
         temperature (`float`, *optional*, defaults to `1.0`):
             Softmax temperature applied to both models' logits after scale and softcapping, as in TRL.
         student_lm_head_bias, teacher_lm_head_bias (`torch.Tensor`, *optional*):
-            `(V,)` head biases.
+            `(V_s,)` and `(V_t,)` head biases.
         student_logit_scale, teacher_logit_scale (`float`, *optional*, defaults to `1.0`):
             Multipliers on the logits before softcapping (as TRL reads them from the model config).
         student_final_logit_softcapping, teacher_final_logit_softcapping (`float`, *optional*):
@@ -158,7 +159,8 @@ class LMHeads:
     """
     Both models' output heads and logit transforms, as TRL's `_chunked_divergence_loss` receives them: `lm_head`
     weights and biases, logit scales, final-logit softcaps and the softmax temperature. The statistics pass and the
-    loss hand it to their helpers instead of nine arguments; `materialized` adds the projection dtypes.
+    loss hand it to their helpers instead of nine arguments; `materialized` adds the projection dtypes. The two heads
+    may have different row counts; the projections use the rows they share, cut after any ZeRO-3 gather.
     """
 
     student_lm_head_weight: torch.Tensor
@@ -174,7 +176,7 @@ class LMHeads:
     teacher_dtype: torch.dtype | None = None
 
     def check_inputs(self, student_hidden_states, teacher_hidden_states, mask, mask_name: str) -> None:
-        """Shapes, devices and vocabularies of the hidden states and heads line up with the mask."""
+        """Shapes and devices of the hidden states and heads line up with the mask (the heads' rows may differ)."""
         check_projection_inputs(
             student_hidden_states,
             teacher_hidden_states,
@@ -243,7 +245,8 @@ def _fold_tiles(
     """
     Projects the `(N, H)` hidden states through both heads on `[token_chunk_size, vocab_chunk_size]` fp32 tiles and
     folds each pair into TRL's online-logsumexp accumulators. Returns them by `fold_tile`'s argument names: the
-    running maxima and sums of both models, the student's `sum exp(z_s) z_s` and the two weighted gaps.
+    running maxima and sums of both models, the student's `sum exp(z_s) z_s` and the two weighted gaps. Only the
+    rows both heads share are projected.
     """
     device, n_tokens = h_s.device, h_s.shape[0]
     kernel_args = heads.kernel_args
@@ -258,7 +261,8 @@ def _fold_tiles(
     t_weight, t_bias, t_dtype = heads.teacher_lm_head_weight, heads.teacher_lm_head_bias, heads.teacher_dtype
     # ZeRO-3 gathers the heads even on a rank with no valid token, so every rank joins the collective.
     with maybe_gather_lm_head_ctx(s_weight, s_bias), maybe_gather_lm_head_ctx(t_weight, t_bias):
-        vocab = s_weight.shape[0]
+        # Read after the gather (a partitioned parameter has no rows before it); the tiles slice both heads by it.
+        vocab = min(s_weight.shape[0], t_weight.shape[0])
         vocab_cols = min(vocab, vocab_chunk_size)
         s_buf = torch.empty((rows, vocab_cols), device=device, dtype=torch.float32)
         t_buf = torch.empty((rows, vocab_cols), device=device, dtype=torch.float32)

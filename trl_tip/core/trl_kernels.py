@@ -22,6 +22,8 @@ from trl.kernels.chunked_divergence import (
 from trl.kernels.chunked_logprob import _BLOCK_SIZE, _use_triton
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
+from .checks import full_shape
+
 
 __all__ = [
     "TOKEN_CHUNK_SIZE",
@@ -33,6 +35,7 @@ __all__ = [
     "kernel_arguments",
     "materialize_lm_head",
     "maybe_gather_lm_head_ctx",
+    "on_shared_rows",
     "project_tile",
 ]
 
@@ -86,7 +89,9 @@ def fold_tile(
 
 def materialize_lm_head(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
     """Turns an FSDP2 `DTensor` head into a plain tensor once, as TRL's `_chunked_divergence_loss` does, so the tile
-    loop does not re-gather it per chunk. Plain tensors pass through."""
+    loop does not re-gather it per chunk. Plain tensors pass through, and so do ZeRO-3 parameters: the tile loops
+    gather those themselves, so heads of different sizes are cut to their shared rows there, after the gather (see
+    [`on_shared_rows`])."""
     if isinstance(weight, torch.distributed.tensor.DTensor):
         weight = weight.full_tensor().to(dtype)
         if bias is not None:
@@ -161,3 +166,120 @@ class DivergenceFromStats(torch.autograd.Function):
     def backward(ctx, grad_divergence):
         grads = ChunkedDivergenceFunction.backward(ctx, grad_divergence, None)
         return (*grads[:3], *(None,) * 9)
+
+
+def on_shared_rows(function, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, *rest):
+    """
+    `function.apply(...)` (TRL's `ChunkedDivergenceFunction` or [`DivergenceFromStats`], same arguments) over the
+    `min(V_s, V_t)` rows both heads share, for heads padded to different sizes.
+
+    TRL's tiles walk the student's rows and slice the teacher's by them after any ZeRO-3 gather, so a teacher head
+    with more rows needs no cut and no copy. A student head with more rows goes through [`StudentHeadCut`], which cuts
+    it after the gather (a partitioned parameter sliced before it is empty). Padding the shorter head's logits instead
+    would change the normalizers, so the extra rows are left out, never filled.
+    """
+    student_rows, teacher_rows = full_shape(student_weight)[0], full_shape(teacher_weight)[0]
+    if student_rows <= teacher_rows:
+        return function.apply(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, *rest)
+    return StudentHeadCut.apply(
+        function, teacher_rows, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, *rest
+    )
+
+
+class _InnerContext:
+    """Stands in for `ctx` when [`StudentHeadCut`] runs another autograd Function's forward and backward: records
+    what the forward saves and marks, and carries what the backward reads (`saved_tensors`, `needs_input_grad` and
+    the attributes the forward set)."""
+
+    def __init__(self, needs_input_grad: tuple[bool, ...]):
+        self.needs_input_grad = needs_input_grad
+        self.saved_tensors = ()
+        self.non_differentiable = ()
+
+    def set_materialize_grads(self, value: bool) -> None:
+        pass  # the outer Function never materializes them; TRL's backward takes `None`
+
+    def save_for_backward(self, *tensors) -> None:
+        self.saved_tensors = tensors
+
+    def mark_non_differentiable(self, *outputs) -> None:
+        self.non_differentiable = outputs
+
+
+def _first_rows(weight: torch.Tensor, bias: torch.Tensor | None, rows: int):
+    """Row views of a (gathered) head. A view of a gathered ZeRO-3 parameter keeps its `AVAILABLE` status, so the
+    `maybe_gather_lm_head_ctx` that TRL's functions enter themselves leaves it alone."""
+    views = []
+    for tensor in (weight, bias):
+        view = None if tensor is None else tensor[:rows]
+        if view is not None and hasattr(tensor, "ds_status"):
+            view.ds_status = tensor.ds_status
+        views.append(view)
+    return views
+
+
+class StudentHeadCut(torch.autograd.Function):
+    """
+    Runs `function` (TRL's `ChunkedDivergenceFunction` or [`DivergenceFromStats`]) on the first `rows` rows of a
+    student head that has more rows than the teacher's.
+
+    The forward and the backward each gather the head (ZeRO-3; a no-op otherwise) and hand `function` row views of
+    it, so the cut comes after the gather and copies no weight. Between the two, only the parameters themselves are
+    saved, as TRL saves them, so no gathered copy outlives the forward. The head's gradients are padded back to its
+    full shape with zeros (as a slice's backward would): the rows past the teacher's take no part in the loss.
+    """
+
+    @staticmethod
+    def forward(ctx, function, rows, student_hidden, student_weight, student_bias, *rest):
+        inner = _InnerContext(ctx.needs_input_grad[2:])
+        with maybe_gather_lm_head_ctx(student_weight, student_bias):
+            weight, bias = _first_rows(student_weight, student_bias, rows)
+            outputs = function.forward(inner, student_hidden, weight, bias, *rest)
+        saved = list(inner.saved_tensors)
+        inner.saved_tensors = ()
+        # The views are saved as the parameters they cut: the backward gathers and cuts again.
+        ctx.head_slots = [_slot(saved, weight), _slot(saved, bias)]
+        for slot, parameter in zip(ctx.head_slots, (student_weight, student_bias)):
+            if slot is not None:
+                saved[slot] = parameter
+        ctx.save_for_backward(*saved)
+        ctx.set_materialize_grads(False)
+        if inner.non_differentiable:
+            ctx.mark_non_differentiable(*inner.non_differentiable)
+        ctx.function, ctx.rows, ctx.inner, ctx.num_rest = function, rows, inner, len(rest)
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        saved = list(ctx.saved_tensors)
+        weight_slot, bias_slot = ctx.head_slots
+        student_weight = saved[weight_slot]
+        student_bias = None if bias_slot is None else saved[bias_slot]
+        with maybe_gather_lm_head_ctx(student_weight, student_bias):
+            full_rows = student_weight.shape[0]
+            for slot, view in zip(ctx.head_slots, _first_rows(student_weight, student_bias, ctx.rows)):
+                if slot is not None:
+                    saved[slot] = view
+            ctx.inner.saved_tensors = tuple(saved)
+            grad_hidden, grad_weight, grad_bias = ctx.function.backward(ctx.inner, *grad_outputs)[:3]
+            ctx.inner.saved_tensors = ()
+        return (
+            None,
+            None,
+            grad_hidden,
+            _pad_rows(grad_weight, full_rows),
+            _pad_rows(grad_bias, full_rows),
+            *(None,) * ctx.num_rest,
+        )
+
+
+def _slot(saved: list, view: torch.Tensor | None) -> int | None:
+    """Where `function`'s forward saved `view` (by identity), or `None`."""
+    return next((i for i, t in enumerate(saved) if view is not None and t is view), None)
+
+
+def _pad_rows(grad: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    """`grad` of a head's first rows, as the gradient of the whole head (zero past them)."""
+    if grad is None or grad.shape[0] == rows:
+        return grad
+    return torch.cat((grad, grad.new_zeros((rows - grad.shape[0], *grad.shape[1:]))))

@@ -7,7 +7,6 @@ few minutes of TIP on-policy distillation, and everything lands in `outputs/<run
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -19,7 +18,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..core.selectors import SELECTORS
-from .model_source import ModelSourceError, load_causal_lm, resolve_model
+from ..utils.files import write_text_atomically
+from .model_source import ModelSourceError, hub_model_id, load_causal_lm, model_license, model_name, resolve_model
 from .student_layers import compress_layers, default_layers_to_keep
 
 
@@ -37,7 +37,9 @@ class DemoArguments:
     drop_layers: str | None = field(
         default=None, metadata={"help": "Comma-separated teacher layer indices to drop instead, e.g. '13,14,15,16'."}
     )
-    selector: str = field(default="soft_or", metadata={"help": f"Token selector: {', '.join(SELECTORS)}."})
+    selector: str = field(
+        default="soft_or", metadata={"help": f"Token selector: {', '.join(SELECTORS)}.", "choices": tuple(SELECTORS)}
+    )
     ratio: float = field(default=0.5, metadata={"help": "Retention ratio in (0, 1]."})
     steps: int = field(default=30, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=8, metadata={"help": "Rollouts per optimizer step."})
@@ -55,27 +57,36 @@ class DemoArguments:
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing run folder."})
 
 
+def make_parser():
+    """`trl-tip demo`'s parser: transformers' `HfArgumentParser`, so each option is spelled `--a_b` or `--a-b`."""
+    from transformers import HfArgumentParser
+
+    return HfArgumentParser(DemoArguments, prog="trl-tip demo", description=__doc__.split("\n\n")[0])
+
+
 def parse_args(argv: list[str] | None = None) -> DemoArguments:
-    parser = argparse.ArgumentParser(prog="trl-tip demo", description=__doc__.split("\n\n")[0])
-    for name, spec in DemoArguments.__dataclass_fields__.items():
-        flag = "--" + name.replace("_", "-")
-        if spec.type in ("bool", bool):
-            parser.add_argument(flag, action="store_true", help=spec.metadata["help"])
-        else:
-            kind = {"int": int, "float": float}.get(str(spec.type), str)
-            parser.add_argument(flag, type=kind, default=spec.default, help=spec.metadata["help"])
-    return DemoArguments(**vars(parser.parse_args(argv)))
+    (args,) = make_parser().parse_args_into_dataclasses(argv)
+    return args
+
+
+def without_local_path(value):
+    """A local path (absolute, or one that exists here) as its base name, for files meant to be shared; other values
+    as they are."""
+    if isinstance(value, str) and value and (os.path.isabs(value) or os.path.exists(value)):
+        return os.path.basename(os.path.normpath(value))
+    return value
 
 
 def reproduce_command(args: DemoArguments) -> str:
-    """The `trl-tip demo` line with every flag that differs from its default (paths and run naming left out)."""
+    """The `trl-tip demo` line with every flag that differs from its default (local paths by their base names, where
+    the run goes left out)."""
     defaults = DemoArguments()
     flags = []
     for name in DemoArguments.__dataclass_fields__:
         value = getattr(args, name)
         if name in ("output_dir", "run_name", "overwrite") or value == getattr(defaults, name):
             continue
-        flags.append(f"--{name.replace('_', '-')} {value}")
+        flags.append(f"--{name.replace('_', '-')} {without_local_path(value)}")
     return " ".join(["trl-tip demo", *flags])
 
 
@@ -115,27 +126,41 @@ def _problems(args: DemoArguments):
     return train.select_columns(["prompt"]), held_out
 
 
+def layers_to_keep(args: DemoArguments, depth: int) -> list[int]:
+    """The teacher layers the compressed student keeps: all but `--drop-layers`, else `default_layers_to_keep`."""
+    if not args.drop_layers:
+        return default_layers_to_keep(depth, args.student_layers)
+    try:
+        dropped = {int(i) for i in args.drop_layers.split(",")}
+    except ValueError as error:
+        raise ValueError(f"--drop-layers must be comma-separated integers; got {args.drop_layers!r}.") from error
+    if not dropped <= set(range(depth)) or len(dropped) >= depth:
+        raise ValueError(f"--drop-layers must name some, not all, of the teacher's layers 0..{depth - 1}.")
+    return [i for i in range(depth) if i not in dropped]
+
+
+def compressed_student_name(teacher: str, keep: list[int], depth: int) -> str:
+    return f"{teacher} with decoder layers {keep} ({len(keep)} of {depth})"
+
+
+def public_model_names(args: DemoArguments, teacher_depth: int) -> tuple[str, str]:
+    """The teacher and the student as `report.json` and the model card name them: by `model_name`, no local path."""
+    teacher = model_name(args.teacher)
+    if args.student is not None:
+        return teacher, model_name(args.student)
+    return teacher, compressed_student_name(teacher, layers_to_keep(args, teacher_depth), teacher_depth)
+
+
 def load_models(args: DemoArguments):
     """Teacher, student and tokenizer, checked before anything is written."""
     teacher_path = resolve_model(args.teacher)
     teacher, tokenizer = load_causal_lm(teacher_path)
     if args.student is None:
         depth = teacher.config.num_hidden_layers
-        if args.drop_layers:
-            try:
-                dropped = {int(i) for i in args.drop_layers.split(",")}
-            except ValueError as error:
-                raise ValueError(
-                    f"--drop-layers must be comma-separated integers; got {args.drop_layers!r}."
-                ) from error
-            if not dropped <= set(range(depth)) or len(dropped) >= depth:
-                raise ValueError(f"--drop-layers must name some, not all, of the teacher's layers 0..{depth - 1}.")
-            keep = [i for i in range(depth) if i not in dropped]
-        else:
-            keep = default_layers_to_keep(depth, args.student_layers)
+        keep = layers_to_keep(args, depth)
         student, _ = load_causal_lm(teacher_path)
         student = compress_layers(student, keep)
-        student_name = f"{teacher_path} with decoder layers {keep} ({len(keep)} of {teacher.config.num_hidden_layers})"
+        student_name = compressed_student_name(teacher_path, keep, depth)
     else:
         student_path = resolve_model(args.student)
         student, _ = load_causal_lm(student_path)
@@ -165,7 +190,8 @@ def run_demo(args: DemoArguments) -> str:
     started = time.time()
     run_name, final_dir = _run_folder(args)
     torch.manual_seed(args.seed)
-    teacher, student, tokenizer, teacher_path, student_name = load_models(args)
+    teacher, student, tokenizer, _, _ = load_models(args)
+    teacher_name, student_name = public_model_names(args, teacher.config.num_hidden_layers)
     train_set, held_out = _problems(args)
 
     timings = {}
@@ -187,7 +213,7 @@ def run_demo(args: DemoArguments) -> str:
 
     save_student(trainer, staging, args)
     timings["total_s"] = time.time() - started
-    report = demo_report(args, trainer, teacher_path, student_name, held_out, before, after, timings)
+    report = demo_report(args, trainer, teacher_name, student_name, held_out, before, after, timings)
     write_report_and_card(staging, trainer, report, args, run_name)
     _move_into_place(staging, final_dir)
     print(_summary(report, final_dir))
@@ -269,15 +295,16 @@ def save_student(trainer, output_dir: str, args: DemoArguments) -> None:
 
 
 def demo_report(
-    args: DemoArguments, trainer, teacher_path: str, student_name: str, held_out, before: dict, after: dict, timings
+    args: DemoArguments, trainer, teacher_name: str, student_name: str, held_out, before: dict, after: dict, timings
 ) -> dict:
-    """The contents of `report.json`: models, settings, the before/after evaluation, losses, quadrants, timings."""
+    """The contents of `report.json`: models (named by `public_model_names`), settings (local paths by their base
+    names), the before/after evaluation, losses, quadrants, timings."""
     return {
-        "teacher": teacher_path,
+        "teacher": teacher_name,
         "student": student_name,
         "selector": args.selector,
         "ratio": args.ratio,
-        "arguments": asdict(args),
+        "arguments": {name: without_local_path(value) for name, value in asdict(args).items()},
         "evaluation": {
             "held_out_problems": len(held_out),
             "teacher_accuracy": before["teacher"]["accuracy"],
@@ -297,20 +324,20 @@ def demo_report(
 
 
 def write_report_and_card(output_dir: str, trainer, report: dict, args: DemoArguments, run_name: str) -> None:
-    """`report.json` and the student's model card (`README.md`) with the before/after comparison."""
+    """`report.json` and the student's model card (`README.md`) with the before/after comparison. The card's
+    `base_model` and licence are those of the model the student starts from: the teacher, or `--student`."""
     from ..hub.model_card import write_student_card
 
-    with open(os.path.join(output_dir, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    teacher_path = report["teacher"]
+    write_text_atomically(os.path.join(output_dir, "report.json"), json.dumps(report, indent=2))
+    base = args.student or args.teacher
     write_student_card(
         output_dir,
         trainer.quadrant_tracker,
         model_name=run_name,
-        base_model="HuggingFaceTB/SmolLM2-135M-Instruct" if args.teacher == "smollm2" else teacher_path,
-        license="apache-2.0",
+        base_model=hub_model_id(base),
+        license=model_license(base),
         datasets=[args.dataset] if args.dataset and not os.path.exists(args.dataset) else [],
-        teacher=teacher_path,
+        teacher=report["teacher"],
         student=report["student"],
         selector=args.selector,
         selector_kwargs=None,
@@ -318,7 +345,8 @@ def write_report_and_card(output_dir: str, trainer, report: dict, args: DemoArgu
         beta=1.0,
         temperature=1.0,
         normalization="the number of selected tokens",
-        training_data=args.dataset or f"{args.train_problems} generated arithmetic word problems (seed {args.seed})",
+        training_data=without_local_path(args.dataset)
+        or f"{args.train_problems} generated arithmetic word problems (seed {args.seed})",
         steps=args.steps,
         learning_rate=args.learning_rate,
         plot="quadrants.png",
@@ -371,5 +399,5 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         run_demo(args)
-    except ModelSourceError as error:
+    except ValueError as error:  # ModelSourceError included: a bad model, option or run folder, named in the message
         sys.exit(f"trl-tip demo: {error}")

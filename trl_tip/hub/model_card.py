@@ -14,6 +14,7 @@ from typing import Any
 import jinja2
 
 from ..core.quadrants import QUADRANT_NAMES, QuadrantTracker
+from ..utils.files import write_text_atomically
 
 
 CARD_TAGS = ["trl", "trl-tip", "distillation", "tip"]
@@ -107,8 +108,10 @@ def evaluation_rows(evaluation: list[dict]) -> list[dict]:
     return rows
 
 
-def student_card_data(model_name: str, base_model: str | None, license: str, datasets: list[str], evaluation=()):
-    """The card's front matter as `huggingface_hub.ModelCardData`."""
+def student_card_data(
+    model_name: str, base_model: str | None, license: str | None, datasets: list[str], evaluation=()
+):
+    """The card's front matter as `huggingface_hub.ModelCardData`; a `None` licence or base model is left out."""
     from huggingface_hub import ModelCardData
 
     return ModelCardData(
@@ -129,7 +132,8 @@ def render_student_card(tracker: QuadrantTracker, **context: Any) -> str:
 
     Args:
         tracker (`QuadrantTracker`): the run's quadrant statistics.
-        **context: template fields: `model_name`, `base_model`, `license`, `datasets`, `teacher`, `student`,
+        **context: template fields: `model_name`, `base_model` (a Hub id or `None`), `license` (the base model's,
+            or `None`), `datasets`, `teacher`, `student` (names, not local paths: see `model_source.model_name`),
             `selector`, `selector_kwargs`, `ratio_text`, `beta`, `temperature`, `normalization`, `training_data`,
             `steps`, `learning_rate`, `plot`, `recipe`, `recipe_language`; optional `evaluation` (`trl-tip eval`
             summaries, also written to the model-index), `comparison` ({description, columns, rows}: a free-form
@@ -155,13 +159,14 @@ def render_student_card(tracker: QuadrantTracker, **context: Any) -> str:
 
 
 def write_student_card(output_dir: str, tracker: QuadrantTracker, **context: Any) -> str:
-    """Renders the student card into `<output_dir>/README.md` and keeps its context in `tip_card.json`; returns it."""
+    """
+    Renders the student card into `<output_dir>/README.md` and keeps its context in `tip_card.json`; returns it.
+    Both are written atomically, so a failure midway leaves the previous files whole, never a partial card.
+    """
     card = render_student_card(tracker, **dict(context))
     os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, CARD_CONTEXT_FILE), "w", encoding="utf-8") as f:
-        json.dump(context, f, indent=2)
-    with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as f:
-        f.write(card)
+    write_text_atomically(os.path.join(output_dir, CARD_CONTEXT_FILE), json.dumps(context, indent=2))
+    write_text_atomically(os.path.join(output_dir, "README.md"), card)
     return card
 
 

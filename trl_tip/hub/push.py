@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from ..utils.files import STAGING_SUFFIX
@@ -293,27 +293,63 @@ def push_run(
     return PushResult(model_id, stats_id, f"{api.endpoint}/{model_id}", f"{api.endpoint}/datasets/{stats_id}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-    import sys
+@dataclass
+class PushArguments:
+    """Options of `trl-tip push`; each is a `--flag`, spelled with `_` or `-` (transformers' `HfArgumentParser`)."""
 
-    parser = argparse.ArgumentParser(
+    model_id: str = field(metadata={"help": "Model repo: name (your namespace) or org/name."})
+    output_dir: str | None = field(
+        default=None,
+        metadata={"help": "The run folder (the trainer's output_dir), when not given as the first argument."},
+    )
+    stats_id: str | None = field(
+        default=None, metadata={"help": "Dataset repo for the statistics; default <model-id>-tip-stats."}
+    )
+    private: bool = field(default=False, metadata={"help": "Create the repos private."})
+    revision: str | None = field(
+        default=None, metadata={"help": "Branch to push to (created from main when missing)."}
+    )
+    retries: int = field(default=4, metadata={"help": "Retries of each Hub call on 5xx/429/timeouts."})
+    retry_wait: float = field(default=2.0, metadata={"help": "Seconds before the first retry (doubles)."})
+
+
+def make_parser():
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(
+        PushArguments,
         prog="trl-tip push",
         description="Push a finished run: the student and its model card, then the quadrant statistics as a dataset. "
         "Uses HF_TOKEN or the stored login; rerun it to complete a push that failed midway.",
     )
-    parser.add_argument("output_dir", help="The run folder (the trainer's output_dir).")
-    parser.add_argument("--model-id", required=True, help="Model repo: name (your namespace) or org/name.")
-    parser.add_argument(
-        "--stats-id", default=None, help="Dataset repo for the statistics; default <model-id>-tip-stats."
-    )
-    parser.add_argument("--private", action="store_true", help="Create the repos private.")
-    parser.add_argument("--revision", default=None, help="Branch to push to (created from main when missing).")
-    parser.add_argument("--retries", type=int, default=4, help="Retries of each Hub call on 5xx/429/timeouts.")
-    parser.add_argument("--retry-wait", type=float, default=2.0, help="Seconds before the first retry (doubles).")
-    args = parser.parse_args(argv)
+    # The documented spelling, `trl-tip push outputs/my-run --model-id ...`, names the run folder first.
+    parser.add_argument("run_dir", nargs="?", metavar="output_dir", help="The run folder (the trainer's output_dir).")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> PushArguments:
+    """The options of `trl-tip push`, the run folder given first or as `--output_dir`; argparse's errors exit."""
+    parser = make_parser()
+    args, positional = parser.parse_args_into_dataclasses(argv, return_remaining_strings=False)
+    if positional.run_dir and args.output_dir and positional.run_dir != args.output_dir:
+        parser.error(
+            f"the run folder is given twice ({positional.run_dir!r} and --output_dir {args.output_dir!r}); "
+            "give it once"
+        )
+    args.output_dir = positional.run_dir or args.output_dir
+    if not args.output_dir:
+        parser.error(
+            "the run folder is required: trl-tip push OUTPUT_DIR --model-id NAME (or --output_dir OUTPUT_DIR)"
+        )
     if args.retries < 0 or args.retry_wait < 0:
         parser.error("--retries and --retry-wait must be >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         result = push_run(

@@ -24,22 +24,27 @@ def evaluate_benchmarks(trainer) -> list[dict]:
     settings), writes `<output_dir>/eval/<benchmark>/{results.jsonl,summary.json}`, logs `benchmark/<name>/*`
     and keeps the summaries in `benchmark_results` for the model card's model-index.
 
-    The main process generates; under ZeRO-3 every process first gathers the full student (TRL's
-    `unwrap_model_for_generation`), so the others only wait.
+    Every process generates: the `generate` calls (at most `benchmark_batch_size` problems and
+    `benchmark_max_batch_tokens` tokens each) are dealt out to the processes and their samples gathered after each
+    round, so no process waits on another for longer than one call, and the results are those of one process. Under
+    ZeRO-3 the student is gathered first (TRL's `unwrap_model_for_generation`, as `ds3_gather_for_generation` says)
+    and every process makes the same number of `generate` calls. The main process grades and writes the files.
     """
     from accelerate.utils import broadcast_object_list
     from trl.models.utils import unwrap_model_for_generation
 
     from ..eval.benchmarks import benchmark_label, evaluate
 
+    accelerator = trainer.accelerator
     results = []
-    with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as student:
-        if trainer.accelerator.is_main_process:
-            for name in trainer.args.benchmarks:
-                output_dir = os.path.join(trainer.args.output_dir, "eval", benchmark_label(name))
-                arguments = trainer.args.benchmark_arguments(name, output_dir)
-                results.append(evaluate(arguments, model=student, tokenizer=trainer.processing_class))
-        trainer.accelerator.wait_for_everyone()
+    with unwrap_model_for_generation(
+        trainer.model_wrapped, accelerator, gather_deepspeed3_params=trainer.args.ds3_gather_for_generation
+    ) as student:
+        for name in trainer.args.benchmarks:
+            output_dir = os.path.join(trainer.args.output_dir, "eval", benchmark_label(name))
+            arguments = trainer.args.benchmark_arguments(name, output_dir)
+            summary = evaluate(arguments, model=student, tokenizer=trainer.processing_class, accelerator=accelerator)
+            results.append(summary)
     student.train()
     results = broadcast_object_list([results])[0]
     trainer.benchmark_results = results

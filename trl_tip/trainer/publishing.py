@@ -19,6 +19,7 @@ class PublishingMixin:
         """
         if not self.is_world_process_zero():
             return
+        from ..demo.model_source import hub_model_id, model_license
         from ..hub.model_card import write_student_card
         from ..hub.plots import plot_quadrants
 
@@ -36,8 +37,8 @@ class PublishingMixin:
             output_dir,
             self.quadrant_tracker,
             model_name=model_name or os.path.basename(os.path.normpath(output_dir)),
-            base_model=student_id if student_id and not os.path.isdir(student_id) else None,
-            license="apache-2.0",
+            base_model=hub_model_id(student_id) if student_id else None,
+            license=model_license(student_id) if student_id else None,
             datasets=[dataset_name] if dataset_name else [],
             teacher=teacher_label,
             student=_model_label(self.model.config),
@@ -135,19 +136,31 @@ class PublishingMixin:
             "num_train_epochs",
             "seed",
         )
-        recipe = {"model_name_or_path": _model_label(self.model.config)}
+        recipe = {"model_name_or_path": _recipe_model(get_config_model_id(self.model.config), self.model.config)}
         for name in fields:
             value = getattr(args, name, None)
             if value is not None:
                 # Enums (e.g. the scheduler type) are written as their plain values, as a recipe spells them.
                 recipe[name] = getattr(value, "value", value)
-        if recipe.get("teacher_model_name_or_path") is None:
-            recipe["teacher_model_name_or_path"] = _model_label(
-                self.accelerator.unwrap_model(self.teacher_model).config
-            )
+        teacher_config = self.accelerator.unwrap_model(self.teacher_model).config
+        recipe["teacher_model_name_or_path"] = _recipe_model(
+            recipe.get("teacher_model_name_or_path") or get_config_model_id(teacher_config), teacher_config
+        )
         return yaml.safe_dump(recipe, sort_keys=False).strip()
 
 
 def _model_label(config) -> str:
-    """The model's Hub id or path, or its architecture when it was built in memory and has neither."""
-    return get_config_model_id(config) or f"{config.model_type} model built in memory"
+    """How the card names a model: by `model_name` (a Hub id, or a local folder's base name marked as local, never
+    its path), or by its architecture when it was built in memory and has neither."""
+    from ..demo.model_source import model_name
+
+    model_id = get_config_model_id(config)
+    return model_name(model_id) if model_id else f"{config.model_type} model built in memory"
+
+
+def _recipe_model(name_or_path: str | None, config) -> str:
+    """A model as the card's recipe names it: a Hub id as it is, a local folder by its base name (the card is meant
+    to be published; the reader points it at their copy), or its architecture when it was built in memory."""
+    if not name_or_path:
+        return f"{config.model_type} model built in memory"
+    return os.path.basename(os.path.normpath(name_or_path)) if os.path.exists(name_or_path) else name_or_path

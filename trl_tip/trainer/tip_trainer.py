@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 from collections.abc import Callable
@@ -11,7 +10,6 @@ from typing import Any
 import torch
 from datasets import Dataset, IterableDataset
 from trl import DistillationTrainer
-from trl.trainer import distillation_trainer as trl_distillation
 
 from ..core.loss import masked_gjsd_loss
 from ..core.quadrants import QuadrantTracker
@@ -19,9 +17,11 @@ from ..core.selectors import build_selector, resolve_selection
 from ..core.stats import compute_token_stats
 from ..utils.vllm_compat import apply_cpu_weight_sync_fix, vllm_engine_options
 from .benchmark_callback import BenchmarkCallback, evaluate_benchmarks
+from .head_rows import check_head_rows, trl_sees_equal_vocab_sizes, vocab_sizes
+from .loss_routing import check_routed, routed_to
 from .publishing import PublishingMixin
 from .rollouts import RolloutMixin
-from .tip_config import TIPConfig
+from .tip_config import TIPConfig, check_rollouts_divide_generation_batch
 
 
 TIP_STATS_DIR = "tip_stats"
@@ -140,7 +140,11 @@ class TIPGKDTrainer(RolloutMixin, PublishingMixin, DistillationTrainer):
             apply_cpu_weight_sync_fix()
             if args.vllm_enforce_eager:
                 engine_options["enforce_eager"] = True
-        with vllm_engine_options(**engine_options):
+        # A pair whose heads pad one tokenizer to different sizes (Qwen2.5-14B -> 1.5B) trains on the rows the heads
+        # share, but trl 1.16's __init__ refuses any `vocab_size` difference: it sees equal sizes while it runs, and
+        # `check_head_rows` checks the pair against the tokenizer afterwards (head_rows.py says why this way).
+        head_rows = vocab_sizes(model, teacher_model, args)
+        with vllm_engine_options(**engine_options), trl_sees_equal_vocab_sizes(teacher_model, *head_rows):
             super().__init__(
                 model=model,
                 teacher_model=teacher_model,
@@ -154,6 +158,7 @@ class TIPGKDTrainer(RolloutMixin, PublishingMixin, DistillationTrainer):
                 peft_config=peft_config,
                 tools=tools,
             )
+        check_head_rows(self, teacher_model, *head_rows)
         if args.benchmarks:
             self.add_callback(BenchmarkCallback(self))
         self.selection_seed = args.seed if args.selection_seed is None else args.selection_seed
@@ -169,12 +174,13 @@ class TIPGKDTrainer(RolloutMixin, PublishingMixin, DistillationTrainer):
         if rollouts > 1:
             if isinstance(train_dataset, IterableDataset):
                 raise ValueError("`num_rollouts_per_prompt` > 1 needs a map-style (non-streaming) train dataset.")
-            if self._generation_batch_size % rollouts:
-                raise ValueError(
-                    f"`num_rollouts_per_prompt`={rollouts} must divide the generation batch "
-                    f"(per_device_train_batch_size x processes x gradient_accumulation_steps = "
-                    f"{self._generation_batch_size})."
-                )
+            # TIPConfig checks this when built; checked again for batch fields changed on the config afterwards.
+            check_rollouts_divide_generation_batch(
+                rollouts,
+                args.per_device_train_batch_size,
+                self.accelerator.num_processes,
+                args.gradient_accumulation_steps,
+            )
 
     # ----------------------------------------------------------------------------------------------------------------
     # Rollouts: GKD's lmbda mixes on-policy student rollouts with the dataset's own completions.
@@ -197,29 +203,19 @@ class TIPGKDTrainer(RolloutMixin, PublishingMixin, DistillationTrainer):
         return output
 
     # ----------------------------------------------------------------------------------------------------------------
-    # Loss: TRL prepares everything and calls its module-level `_chunked_divergence_loss`; we take that call.
+    # Loss: TRL prepares everything and calls its module-level `_chunked_divergence_loss`; loss_routing.py hands that
+    # call to `_tip_divergence_loss` while this trainer's `compute_loss` runs (tests/core/test_trl_parity.py pins the
+    # signature and the call).
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.args.loss_normalization == "selected" and inputs.get("num_selected_in_batch") is not None:
             # TRL's compute_loss turns inputs["num_items_in_batch"] into the per-process denominator.
             inputs = {**inputs, "num_items_in_batch": inputs["num_selected_in_batch"]}
-        with self._tip_loss_in_place():
+        with routed_to(self._tip_divergence_loss) as route:
             output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        check_routed(route, "training" if self.model.training else "evaluation")
         self._record_selection()
         return output
-
-    @contextlib.contextmanager
-    def _tip_loss_in_place(self):
-        # `DistillationTrainer._compute_loss` resolves `_chunked_divergence_loss` from its module at call time, with
-        # the hidden states, heads, masks and logit transforms it prepared for this model family (VLMs, Gemma
-        # softcapping, Granite scaling, device maps, ZeRO-3, PEFT). Swapping that one callable for the length of the
-        # call reuses all of it; tests/core/test_trl_parity.py pins the signature and the call.
-        original = trl_distillation._chunked_divergence_loss
-        trl_distillation._chunked_divergence_loss = self._tip_divergence_loss
-        try:
-            yield
-        finally:
-            trl_distillation._chunked_divergence_loss = original
 
     def _tip_divergence_loss(
         self,
@@ -249,22 +245,25 @@ class TIPGKDTrainer(RolloutMixin, PublishingMixin, DistillationTrainer):
         if training and self.args.loss_normalization == "selected" and num_items_in_batch is not None:
             if not self._count_follows_from_masks:
                 num_items_in_batch = self._estimated_selected_count(selection.mask)
+        projection = (student_hidden_states, teacher_hidden_states, student_lm_head_weight, teacher_lm_head_weight)
+        options = {"beta": beta, "temperature": temperature, "valid_mask": stats.mask, "stats": stats, **head_kwargs}
         loss, _, _ = masked_gjsd_loss(
-            student_hidden_states,
-            teacher_hidden_states,
-            student_lm_head_weight,
-            teacher_lm_head_weight,
+            *projection,
             selection.mask,
-            beta=beta,
-            temperature=temperature,
             token_weights=selection.weights,
             normalization=self.args.loss_normalization,
-            valid_mask=stats.mask,
             num_items_in_batch=num_items_in_batch,
-            stats=stats,
-            **head_kwargs,
+            **options,
         )
-        self._last_selection = (stats, selection.mask)
+        selected_loss = None
+        if not training:
+            # The training objective on this batch, logged as `eval_tip/selected_loss`.
+            selected_loss = loss.detach()
+            if self.args.eval_loss_tokens == "all":
+                # `eval_loss` is plain on-policy distillation's loss (every valid token, over their count): the same
+                # quantity whatever the selector and ratio, and TRL's `DistillationTrainer` reports it too.
+                loss, _, _ = masked_gjsd_loss(*projection, stats.mask, normalization="all", **options)
+        self._last_selection = (stats, selection.mask, selected_loss)
         return loss, stats.entropy.sum(), stats.mask.sum()
 
     @property
@@ -287,9 +286,13 @@ class TIPGKDTrainer(RolloutMixin, PublishingMixin, DistillationTrainer):
     def _record_selection(self):
         if self._last_selection is None:
             return
-        stats, keep = self._last_selection
+        stats, keep, selected_loss = self._last_selection
         self._last_selection = None
         training = self.model.training
+        if selected_loss is not None:
+            # Mean over processes, as the Trainer averages `eval_loss`; a collective, so outside the wrapped forward.
+            selected_loss = self.accelerator.gather(selected_loss.reshape(1).to(self.accelerator.device)).mean()
+            self._metrics["eval"]["tip/selected_loss"].append(selected_loss.item())
         if training and self.state.global_step % self.args.log_quadrant_stats_every != 0:
             return
         counts = self.quadrant_tracker.measure(stats, keep).all_reduce(device=self.accelerator.device)

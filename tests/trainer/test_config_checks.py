@@ -1,0 +1,149 @@
+"""A `TIPConfig` setting either takes effect or is refused when the config is built: never silently ignored, and one
+source for each setting. Each error names the field, the value, what is allowed and how to fix it."""
+
+import re
+
+import pytest
+
+from trl_tip import TIPConfig, TIPGKDTrainer
+from trl_tip.testing import tiny_causal_lm, tiny_math_dataset, tiny_tokenizer
+
+
+CPU = {"use_cpu": True, "bf16": False, "report_to": "none"}
+
+
+def config(tmp_path, **fields) -> TIPConfig:
+    return TIPConfig(output_dir=str(tmp_path), **CPU, **fields)
+
+
+# selection_ratio: one meaning per selector, or an error.
+
+
+def test_selection_ratio_unset_means_half_for_ratio_selectors(tmp_path):
+    for name in ("random", "entropy_topk", "entropy_sampling", "divergence_topk", "soft_or", "soft_or_bottom", "q3"):
+        args = config(tmp_path, token_selector=name)
+        assert args.selection_ratio == 0.5
+        assert args.build_selector().ratio == 0.5
+    assert config(tmp_path, token_selector="q3", selection_ratio=0.1).build_selector().ratio == 0.1
+
+
+def test_selection_ratio_with_all_is_refused_unless_unset_or_one(tmp_path):
+    with pytest.raises(ValueError) as error:
+        config(tmp_path, token_selector="all", selection_ratio=0.5)
+    message = str(error.value)
+    assert '`selection_ratio`=0.5 has no effect with `token_selector="all"`' in message
+    assert "Leave `selection_ratio` unset (or 1.0)" in message and '`token_selector="random"`' in message
+    # `trl-tip study --rules all:1.0` passes 1.0 explicitly.
+    for ratio in (None, 1.0, 1):
+        assert config(tmp_path, token_selector="all", selection_ratio=ratio).selection_ratio == 1.0
+
+
+def test_selection_ratio_is_the_quadrant_selectors_ratio(tmp_path):
+    assert config(tmp_path, token_selector="quadrant").build_selector().ratio == 1.0
+    args = config(tmp_path, token_selector="quadrant", selection_ratio=0.3)
+    assert args.selection_ratio == 0.3 and args.build_selector().ratio == 0.3
+
+
+def test_ratio_in_token_selector_kwargs_is_refused(tmp_path):
+    message = re.escape(
+        "`token_selector_kwargs` sets `ratio`=0.3, but `selection_ratio` is that setting's one source (the model card "
+        "and its recipe report it). Remove `ratio` from `token_selector_kwargs` and set `selection_ratio` instead, "
+        "e.g. `selection_ratio=0.3`."
+    )
+    for name in ("soft_or", "quadrant"):
+        with pytest.raises(ValueError, match=message):
+            config(tmp_path, token_selector=name, token_selector_kwargs={"ratio": 0.3})
+
+
+# vllm_enforce_eager applies to the colocated engine only.
+
+
+def test_vllm_enforce_eager_is_refused_in_server_mode(tmp_path):
+    with pytest.raises(ValueError) as error:
+        config(tmp_path, vllm_mode="server", vllm_enforce_eager=True)
+    message = str(error.value)
+    assert '`vllm_enforce_eager=True` has no effect with `vllm_mode="server"`' in message
+    assert "`trl vllm-serve --enforce_eager true`" in message and '`vllm_mode="colocate"`' in message
+    assert config(tmp_path, vllm_mode="server").vllm_enforce_eager is False  # the default stays accepted
+    assert config(tmp_path, vllm_mode="colocate", vllm_enforce_eager=True).vllm_enforce_eager is True
+
+
+# quadrant_thresholds: one split for the selection and the logged statistics.
+
+
+def test_quadrant_thresholds_split_both_the_quadrant_selector_and_the_statistics(tmp_path):
+    tokenizer = tiny_tokenizer()
+    args = config(
+        tmp_path,
+        token_selector="quadrant",
+        token_selector_kwargs={"quadrants": ["Q3"]},
+        quadrant_thresholds="0.5,0.1",
+        per_device_train_batch_size=2,
+        max_completion_length=8,
+    )
+    trainer = TIPGKDTrainer(
+        model=tiny_causal_lm(tokenizer, seed=0),
+        teacher_model=tiny_causal_lm(tokenizer, hidden_size=128, seed=1),
+        args=args,
+        train_dataset=tiny_math_dataset(4),
+        processing_class=tokenizer,
+    )
+    selector, tracker = trainer.token_selector, trainer.quadrant_tracker
+    assert (selector.entropy_threshold, selector.divergence_threshold) == (0.5, 0.1)
+    assert (tracker.entropy_threshold, tracker.divergence_threshold) == (0.5, 0.1)
+    median = config(tmp_path, token_selector="quadrant").build_selector()
+    assert (median.entropy_threshold, median.divergence_threshold) == ("median", "median")
+
+
+@pytest.mark.parametrize("argument", ["entropy_threshold", "divergence_threshold"])
+def test_quadrant_thresholds_in_token_selector_kwargs_are_refused(argument, tmp_path):
+    message = re.escape(
+        f"`token_selector_kwargs` sets `{argument}`=0.2, but `quadrant_thresholds` is that setting's one source (it "
+        f"also splits the logged quadrant statistics). Remove `{argument}` from `token_selector_kwargs` and set "
+        "`quadrant_thresholds` instead, e.g. `quadrant_thresholds='0.5,0.1'`."
+    )
+    with pytest.raises(ValueError, match=message):
+        config(tmp_path, token_selector="quadrant", token_selector_kwargs={argument: 0.2})
+
+
+# temperature
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
+def test_temperature_must_be_a_positive_number(temperature, tmp_path):
+    message = re.escape("`temperature` must be a positive number (the softmax temperature of the student and ")
+    with pytest.raises(ValueError, match=message + rf".*got {temperature!r}\. Set e\.g\. `temperature=1\.0`"):
+        config(tmp_path, temperature=temperature)
+
+
+# num_rollouts_per_prompt divides the generation batch (item 9's config part).
+
+
+def test_rollouts_per_prompt_must_divide_the_generation_batch_when_the_config_is_built(tmp_path):
+    # TRL's default generation batch: per_device_train_batch_size 8 x 1 process x 1 accumulation step.
+    with pytest.raises(ValueError) as error:
+        config(tmp_path, num_rollouts_per_prompt=16)
+    message = str(error.value)
+    assert "`num_rollouts_per_prompt`=16 must divide the generation batch" in message
+    assert "per_device_train_batch_size x processes x gradient_accumulation_steps = 8 x 1 x 1 = 8" in message
+    assert "Set `gradient_accumulation_steps` to a multiple of 2" in message
+    assert "choose `num_rollouts_per_prompt` among 1, 2, 4, 8" in message
+    # The fix the message gives works; so do the paper's batches (4 x 4, 16 rollouts).
+    config(tmp_path, num_rollouts_per_prompt=16, gradient_accumulation_steps=2)
+    config(tmp_path, num_rollouts_per_prompt=16, per_device_train_batch_size=4, gradient_accumulation_steps=4)
+    with pytest.raises(ValueError, match=r"4 x 1 x 3 = 12, which is not a multiple of it\. Set "):
+        config(tmp_path, num_rollouts_per_prompt=8, per_device_train_batch_size=4, gradient_accumulation_steps=3)
+
+
+def test_trainer_rechecks_rollouts_when_the_batch_changed_after_the_config_was_built(tmp_path):
+    tokenizer = tiny_tokenizer()
+    args = config(tmp_path, num_rollouts_per_prompt=4, per_device_train_batch_size=4, max_completion_length=8)
+    args.per_device_train_batch_size = 6  # dataclass fields are not rechecked on assignment
+    with pytest.raises(ValueError, match=r"= 6 x 1 x 1 = 6, which is not a multiple of it"):
+        TIPGKDTrainer(
+            model=tiny_causal_lm(tokenizer, seed=0),
+            teacher_model=tiny_causal_lm(tokenizer, hidden_size=128, seed=1),
+            args=args,
+            train_dataset=tiny_math_dataset(4),
+            processing_class=tokenizer,
+        )
