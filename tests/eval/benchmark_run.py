@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+import torch
 from transformers import TrainerCallback
 
 
@@ -73,6 +74,11 @@ def run(output_dir: str, benchmark: str) -> None:
         callbacks=[recorder],
     )
     trainer.train()
+    # Leave together: a process that exits (closing its gloo pairs) while the main one still writes the run's files
+    # made the main process abort in gloo's teardown once, on a loaded machine.
+    trainer.accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -2,26 +2,14 @@
 TRL's `DistillationTrainer` and across rules; the selected-token objective is logged beside it."""
 
 import pytest
+from tiny_runs import TINY_CPU_RUN
 from trl import DistillationConfig, DistillationTrainer
 
 from trl_tip import TIPConfig, TIPGKDTrainer
-from trl_tip.testing import tiny_causal_lm, tiny_math_dataset, tiny_tokenizer
+from trl_tip.testing import tiny_causal_lm, tiny_math_dataset
 
 
-COMMON = {
-    "per_device_train_batch_size": 4,
-    "per_device_eval_batch_size": 4,
-    "max_completion_length": 8,
-    "report_to": "none",
-    "bf16": False,
-    "use_cpu": True,
-    "seed": 7,
-}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
+COMMON = {**TINY_CPU_RUN, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4}
 
 
 def evaluate(tokenizer, args, trainer_cls=TIPGKDTrainer) -> dict:

@@ -9,29 +9,20 @@ import types
 
 import pytest
 import trl
+from tiny_runs import TINY_CPU_RUN
 from trl import DistillationConfig, DistillationTrainer
 from trl.trainer import distillation_trainer as trl_distillation
 
 from trl_tip import TIPConfig, TIPGKDTrainer
-from trl_tip.testing import tiny_causal_lm, tiny_math_dataset, tiny_tokenizer
+from trl_tip.testing import tiny_causal_lm, tiny_math_dataset
 
 
 COMMON = {
+    **TINY_CPU_RUN,
     "per_device_train_batch_size": 4,
     "per_device_eval_batch_size": 4,
-    "max_completion_length": 8,
     "max_steps": 1,
-    "report_to": "none",
-    "bf16": False,
-    "use_cpu": True,
-    "save_strategy": "no",
-    "seed": 7,
 }
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
 
 
 def build(tokenizer, output_dir, seed, trainer_cls=TIPGKDTrainer, config_cls=TIPConfig, **overrides):

@@ -7,28 +7,14 @@ import pytest
 import torch
 from datasets import load_dataset
 from peft import LoraConfig
+from tiny_runs import TINY_CPU_RUN
 from trl import DistillationConfig, DistillationTrainer
 
 from trl_tip import QUADRANT_NAMES, SELECTORS, TIPConfig, TIPGKDTrainer
 from trl_tip.testing import tiny_causal_lm, tiny_math_dataset, tiny_tokenizer
 
 
-COMMON = {
-    "per_device_train_batch_size": 2,
-    "max_completion_length": 8,
-    "learning_rate": 1e-2,
-    "logging_steps": 1,
-    "report_to": "none",
-    "bf16": False,
-    "use_cpu": True,
-    "save_strategy": "no",
-    "seed": 7,
-}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
+COMMON = TINY_CPU_RUN
 
 
 def models(tokenizer):

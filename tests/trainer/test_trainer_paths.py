@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 from reference import reference_gjsd, reference_logits
+from tiny_runs import TINY_CPU_RUN
 from trl.chat_template_utils import qwen2_5_chat_template
 
 from trl_tip import EntropyTopK, TIPConfig, TIPGKDTrainer
@@ -13,17 +14,7 @@ from trl_tip.testing import tiny_causal_lm, tiny_math_dataset, tiny_tokenizer
 from trl_tip.trainer import tip_trainer
 
 
-SETTINGS = {
-    "per_device_train_batch_size": 2,
-    "max_completion_length": 8,
-    "learning_rate": 1e-2,
-    "logging_steps": 1,
-    "report_to": "none",
-    "bf16": False,
-    "use_cpu": True,
-    "save_strategy": "no",
-    "seed": 7,
-}
+SETTINGS = TINY_CPU_RUN
 
 
 def kept_per_rollout(valid_tokens: int, ratio_tenths: int) -> int:

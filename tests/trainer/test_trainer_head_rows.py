@@ -6,6 +6,7 @@ import logging
 import math
 
 import pytest
+from tiny_runs import TINY_CPU_RUN
 from trl import DistillationConfig, DistillationTrainer
 from trl.trainer import distillation_trainer as trl_distillation
 
@@ -13,18 +14,7 @@ from trl_tip import TIPConfig, TIPGKDTrainer
 from trl_tip.testing import save_tiny_pair, tiny_causal_lm, tiny_math_dataset, tiny_tokenizer
 
 
-COMMON = {
-    "per_device_train_batch_size": 2,
-    "max_completion_length": 8,
-    "max_steps": 2,
-    "learning_rate": 1e-2,
-    "logging_steps": 1,
-    "report_to": "none",
-    "bf16": False,
-    "use_cpu": True,
-    "save_strategy": "no",
-    "seed": 7,
-}
+COMMON = {**TINY_CPU_RUN, "max_steps": 2}
 TOKENS = 320  # len(tiny_tokenizer())
 
 
