@@ -82,7 +82,7 @@ def clean_grid(tiny_models, tmp_path_factory):
     return folder
 
 
-def test_quick_grid_writes_results_summary_and_plot(clean_grid):
+def test_quick_grid_writes_results_summary_and_plot(clean_grid, tiny_models):
     rows = read_jsonl(clean_grid / "results.jsonl")
     assert [(r["rule"], r["seed"]) for r in rows] == [("all:1", 0), ("soft_or:0.5", 0)]
     for row in rows:
@@ -101,6 +101,13 @@ def test_quick_grid_writes_results_summary_and_plot(clean_grid):
     assert "| `all:1` | 1 |" in summary and "| `soft_or:0.5` | 1 |" in summary
     assert "2 of 2 runs finished" in summary and "mean ± standard error across seeds" in summary
     assert "Δ vs all" in summary and "| teacher |" in summary and "| student before training |" in summary
+    # Models are named, never by a local path: the summary and the model columns are meant to be shared.
+    assert (
+        str(tiny_models) not in summary
+        and "Teacher teacher (local model); student teacher (local model) with" in summary
+    )
+    assert {r["teacher_model"] for r in rows} == {"teacher (local model)"}
+    assert all(r["student_model"].startswith("teacher (local model) with decoder layers") for r in rows)
     png = (clean_grid / "study.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     baselines = json.loads((clean_grid / "baselines.json").read_text())

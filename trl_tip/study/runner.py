@@ -127,7 +127,7 @@ class StudyContext:
     last hidden states on them) are computed by the first process that needs them and reused by every later one."""
 
     def __init__(self, args: StudyArguments, folder: Path):
-        from ..demo.command import DemoArguments, load_models
+        from ..demo.command import DemoArguments, load_models, public_model_names
         from .evaluation import completion_states, compute_baselines, rollouts_from_json, study_problems
 
         self.args = args
@@ -139,7 +139,9 @@ class StudyContext:
             dataset=args.dataset,
             max_new_tokens=args.max_new_tokens,
         )
-        self.teacher, self.student, self.tokenizer, self.teacher_name, self.student_name = load_models(demo_args)
+        self.teacher, self.student, self.tokenizer, _, _ = load_models(demo_args)
+        # Results and summaries are shared: models by name (Hub id, or a local folder's base name), never by path.
+        self.teacher_name, self.student_name = public_model_names(demo_args, self.teacher.config.num_hidden_layers)
         self.train_set, self.held_out = study_problems(args)
         path, states_path = folder / "baselines.json", folder / "teacher_states.pt"
         baselines = _read_json(path)
