@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -33,9 +34,12 @@ def check_beta(beta) -> float:
     return float(beta)
 
 
-def check_temperature(temperature) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not float(temperature) > 0.0:
-        raise ValueError(f"`temperature` must be a positive number; got {temperature!r}.")
+def check_temperature(temperature, meaning: str = "", fix: str = "") -> float:
+    """A finite, positive softmax temperature (an infinite one makes every distribution uniform). `meaning` and `fix`
+    let a caller say what the field is for and how to set it."""
+    valid = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+    if not valid or not 0.0 < float(temperature) < math.inf:
+        raise ValueError(f"`temperature` must be a positive number{meaning}; got {temperature!r}.{fix}")
     return float(temperature)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from trl import DistillationConfig
 
-from ..core.checks import check_choice, check_quantile, check_ratio
+from ..core.checks import check_choice, check_quantile, check_ratio, check_temperature
 from ..core.loss import LOSS_NORMALIZATIONS
 from ..core.quadrants import check_threshold
 from ..core.selectors import SELECTION_SCOPES, SELECTORS, build_selector
@@ -381,7 +381,12 @@ class TIPConfig(DistillationConfig):
         check_choice("selection_scope", self.selection_scope, SELECTION_SCOPES)
         check_choice("loss_normalization", self.loss_normalization, LOSS_NORMALIZATIONS)
         check_choice("eval_loss_tokens", self.eval_loss_tokens, EVAL_LOSS_TOKENS)
-        _check_temperature(self.temperature)
+        check_temperature(
+            self.temperature,
+            meaning=" (the softmax temperature of the student and teacher, and of the rollouts; 1.0 leaves the logits "
+            "unchanged)",
+            fix=" Set e.g. `temperature=1.0`.",
+        )
         check_choice("normalization_scope", self.normalization_scope, SELECTION_SCOPES)
         self.entropy_clip_quantile = check_quantile("entropy_clip_quantile", self.entropy_clip_quantile)
         self.divergence_clip_quantile = check_quantile("divergence_clip_quantile", self.divergence_clip_quantile)
@@ -522,14 +527,6 @@ def _resolve_selection_ratio(token_selector: str, ratio: float | None) -> float:
     if ratio is None:
         return DEFAULT_QUADRANT_RATIO if token_selector == "quadrant" else DEFAULT_RATIO
     return ratio
-
-
-def _check_temperature(temperature) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
-        raise ValueError(
-            f"`temperature` must be a positive number (the softmax temperature of the student and teacher, and of "
-            f"the rollouts; 1.0 leaves the logits unchanged); got {temperature!r}. Set e.g. `temperature=1.0`."
-        )
 
 
 def _parse_thresholds(value) -> str:
