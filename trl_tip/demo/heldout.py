@@ -66,6 +66,18 @@ def last_hidden(model, input_ids, attention_mask):
     ).last_hidden_state
 
 
+def completion_stats(student, teacher, h_s, h_t, completion_mask, temperature: float):
+    """Per-token statistics of completions from the two models' last hidden states, through their own heads."""
+    return compute_token_stats(
+        h_s,
+        h_t,
+        student.get_output_embeddings().weight,
+        teacher.get_output_embeddings().weight,
+        completion_mask,
+        temperature=temperature,
+    )
+
+
 def completion_batches(rollouts: Rollouts, batch_size: int, pad: int):
     """Left-padded prompt + right-padded completion batches, with the slice of states that predict the completion:
     yields `(start, ids, attention, completion_mask, span)`."""
@@ -99,14 +111,7 @@ def mean_reverse_kl(
     ):
         h_s = last_hidden(student, ids, attention)[:, span]
         h_t = last_hidden(teacher, ids, attention)[:, span]
-        stats = compute_token_stats(
-            h_s,
-            h_t,
-            student.get_output_embeddings().weight,
-            teacher.get_output_embeddings().weight,
-            completion_mask,
-            temperature=temperature,
-        )
+        stats = completion_stats(student, teacher, h_s, h_t, completion_mask, temperature)
         total += float(stats.reverse_kl.sum())
         count += stats.num_valid
     return total / count if count else 0.0

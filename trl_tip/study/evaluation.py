@@ -14,8 +14,14 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from ..core.stats import compute_token_stats
-from ..demo.heldout import Rollouts, answer_accuracy, completion_batches, greedy_rollouts, last_hidden
+from ..demo.heldout import (
+    Rollouts,
+    answer_accuracy,
+    completion_batches,
+    completion_stats,
+    greedy_rollouts,
+    last_hidden,
+)
 from .grid import StudyArguments
 
 
@@ -107,14 +113,7 @@ def mean_token_kls(
             h_t = torch.zeros(h_s.shape[:2] + (teacher_states[start].shape[-1],), dtype=teacher_states[start].dtype)
             for i, state in enumerate(teacher_states[start : start + len(ids)]):
                 h_t[i, : len(state)] = state
-        stats = compute_token_stats(
-            h_s,
-            h_t,
-            student.get_output_embeddings().weight,
-            teacher.get_output_embeddings().weight,
-            completion_mask,
-            temperature=temperature,
-        )
+        stats = completion_stats(student, teacher, h_s, h_t, completion_mask, temperature)
         reverse += stats.reverse_kl.sum(-1).tolist()
         forward += stats.forward_kl.sum(-1).tolist()
         count += completion_mask.sum(-1).tolist()
