@@ -2,9 +2,14 @@
 
 Each case runs forward + backward of the loss on random hidden states and heads (the statistics pass is no-grad).
 `tip@50%` is the whole TIP step: statistics pass, `soft_or` selection and the masked loss on the kept half.
+`tip_stats_pass` is the statistics pass as the trainer runs it, with the teacher-entropy accumulator;
+`tip_stats_pass_no_H_T` the same pass with `teacher_entropy=False` (TRL's fold alone). When both run, the cost of the
+teacher's entropy (one more accumulator over the same tiles) is printed after the table. `--teacher-entropy-overhead`
+times just these two in one process, alternating them so that a shared machine's load weighs on both alike.
 
     python benchmarks/bench_core.py                       # tiny CPU shapes
     python benchmarks/bench_core.py --shape qwen3 --device cuda   # Qwen3-1.7B student / Qwen3-8B teacher heads
+    python benchmarks/bench_core.py --teacher-entropy-overhead --repeats 10   # cost of the teacher's entropy
 
 On CPU every case runs in a fresh process and peak memory is that process's resident-set growth; on CUDA it is
 `torch.cuda.max_memory_allocated` above the inputs.
@@ -28,7 +33,16 @@ SHAPES = {
     "tiny": (4, 2048, 128, 256, 8192),
     "qwen3": (4, 4096, 2048, 4096, 151936),
 }
-CASES = ["full_logit_gjsd", "trl_chunked@100%", "tip_stats_pass", "tip@100%", "tip@50%", "tip@20%", "tip@10%"]
+CASES = [
+    "full_logit_gjsd",
+    "trl_chunked@100%",
+    "tip_stats_pass",
+    "tip_stats_pass_no_H_T",
+    "tip@100%",
+    "tip@50%",
+    "tip@20%",
+    "tip@10%",
+]
 
 
 def make_inputs(shape, device, dtype):
@@ -60,6 +74,9 @@ def run_case(case, x, beta):
         )
     elif case == "trl_chunked@100%":
         loss = _chunked_divergence_loss(x["h_s"], x["h_t"], x["w_s"], x["w_t"], x["mask"], beta)[0]
+    elif case == "tip_stats_pass_no_H_T":
+        compute_token_stats(x["h_s"], x["h_t"], x["w_s"], x["w_t"], x["mask"], teacher_entropy=False)
+        return
     else:
         stats = compute_token_stats(x["h_s"], x["h_t"], x["w_s"], x["w_t"], x["mask"])
         if case == "tip_stats_pass":
@@ -69,6 +86,36 @@ def run_case(case, x, beta):
         keep = resolve_selection(selector, stats, torch.Generator().manual_seed(0)).mask
         loss = masked_gjsd_loss(x["h_s"], x["h_t"], x["w_s"], x["w_t"], keep, beta=beta, stats=stats)[0]
     loss.backward()
+
+
+def teacher_entropy_overhead(shape, device, dtype, repeats) -> dict:
+    """Times of the statistics pass with and without the teacher-entropy accumulator, alternated in one process."""
+    from trl_tip import compute_token_stats
+
+    x = make_inputs(shape, device, getattr(torch, dtype))
+    times = {True: [], False: []}
+    for i in range(repeats + 1):
+        for flag in (True, False) if i % 2 == 0 else (False, True):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            compute_token_stats(x["h_s"], x["h_t"], x["w_s"], x["w_t"], x["mask"], teacher_entropy=flag)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i > 0:  # the first round warms up (Triton compilation, allocator)
+                times[flag].append(time.perf_counter() - start)
+    return times
+
+
+def print_teacher_entropy_overhead(times: dict) -> None:
+    with_it, without = sorted(times[True]), sorted(times[False])
+    print(f"statistics pass, {len(with_it)} alternated runs each:")
+    print(f"{'':<24}{'min (s)':>10}{'median (s)':>12}")
+    for name, values in (("with teacher entropy", with_it), ("without", without)):
+        print(f"{name:<24}{values[0]:>10.3f}{values[len(values) // 2]:>12.3f}")
+    by_min = with_it[0] / without[0] - 1
+    by_median = with_it[len(with_it) // 2] / without[len(without) // 2] - 1
+    print(f"teacher-entropy overhead: {by_min:+.1%} (min), {by_median:+.1%} (median)")
 
 
 def rss_bytes() -> int:
@@ -108,6 +155,11 @@ def main():
     parser.add_argument("--beta", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cases", nargs="*", default=CASES, choices=CASES)
+    parser.add_argument(
+        "--teacher-entropy-overhead",
+        action="store_true",
+        help="time only the statistics pass with and without the teacher-entropy accumulator, alternated",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
@@ -121,7 +173,10 @@ def main():
         f"shape {args.shape}: {b} x {c} tokens, H_s={h_s}, H_t={h_t}, V={v}, {dtype} on {args.device}, "
         f"beta={args.beta}"
     )
-    print(f"{'case':<20}{'time (s)':>10}{'peak (MiB)':>12}")
+    if args.teacher_entropy_overhead:
+        print_teacher_entropy_overhead(teacher_entropy_overhead(args.shape, args.device, dtype, args.repeats))
+        return
+    print(f"{'case':<24}{'time (s)':>10}{'peak (MiB)':>12}")
     results = []
     for case in args.cases:
         if args.device == "cpu":
@@ -137,7 +192,21 @@ def main():
                 result = {"case": case, "time_s": float("nan"), "peak_mib": float("inf")}
             torch.cuda.empty_cache()
         results.append(result)
-        print(f"{result['case']:<20}{result['time_s']:>10.3f}{result['peak_mib']:>12.1f}", flush=True)
+        print(f"{result['case']:<24}{result['time_s']:>10.3f}{result['peak_mib']:>12.1f}", flush=True)
+    print_teacher_entropy_cost({r["case"]: r for r in results})
+
+
+def print_teacher_entropy_cost(results: dict) -> None:
+    """The teacher-entropy accumulator's time and peak-memory cost: the statistics pass with it against without."""
+    if not {"tip_stats_pass", "tip_stats_pass_no_H_T"} <= results.keys():
+        return
+    with_it, without = results["tip_stats_pass"], results["tip_stats_pass_no_H_T"]
+    extra = with_it["time_s"] - without["time_s"]
+    print(
+        f"teacher-entropy accumulator: {with_it['time_s']:.3f} s with, {without['time_s']:.3f} s without: "
+        f"{extra:+.3f} s ({extra / without['time_s']:+.1%} of the statistics pass), "
+        f"peak {with_it['peak_mib'] - without['peak_mib']:+.1f} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -24,6 +24,12 @@ def reference_stats(student_logits, teacher_logits):
     return entropy, reverse_kl, forward_kl
 
 
+def reference_entropy(logits):
+    """Entropy in nats of the softmax of full float64 logits, per token (e.g. the teacher's `H(P_T)`)."""
+    log_p = torch.log_softmax(logits.double(), -1)
+    return -(log_p.exp() * log_p).sum(-1)
+
+
 def reference_gjsd(student_logits, teacher_logits, beta):
     """Per-token generalized JSD with TRL's convention: beta=0 KL(T||S), beta=1 KL(S||T), else the mixture form."""
     log_ps = torch.log_softmax(student_logits.double(), -1)

@@ -79,8 +79,9 @@ def tiny_causal_lm(
     return model
 
 
-def tiny_math_dataset(n: int = 16, with_completions: bool = False, seed: int = 0):
-    """Conversational prompts (and optional reference completions) of one-step additions, as a `datasets.Dataset`."""
+def tiny_math_dataset(n: int = 16, with_completions: bool = False, seed: int = 0, with_answers: bool = False):
+    """Conversational prompts (and optional reference completions and integer `answer`s) of one-step additions, as a
+    `datasets.Dataset`."""
     import random
 
     from datasets import Dataset
@@ -92,6 +93,8 @@ def tiny_math_dataset(n: int = 16, with_completions: bool = False, seed: int = 0
         row = {"prompt": [{"role": "user", "content": f"What is {a} plus {b}?"}]}
         if with_completions:
             row["completion"] = [{"role": "assistant", "content": f"The answer is {a + b}."}]
+        if with_answers:
+            row["answer"] = a + b
         rows.append(row)
     return Dataset.from_list(rows)
 

@@ -1,5 +1,6 @@
 """Quadrant classification and the tracker: exact shares, additive merges across ranks, saved and reloaded."""
 
+import json
 import os
 import socket
 
@@ -27,12 +28,13 @@ def test_classification_with_fixed_and_median_thresholds():
     assert classify_quadrants(stats).tolist() == [[0, 1, 2, 3, 3, -1]]
 
 
-def random_stats(seed, lengths=(20, 13, 0), width=20):
+def random_stats(seed, lengths=(20, 13, 0), width=20, teacher_entropy=True):
     g = torch.Generator().manual_seed(seed)
     mask = ragged_mask(list(lengths), width)
     entropy = torch.rand(len(lengths), width, generator=g) * 5 * mask
     reverse_kl = torch.rand(len(lengths), width, generator=g).pow(4) * 2 * mask
-    return TokenStats(entropy, reverse_kl, reverse_kl.sqrt(), mask)
+    teacher = torch.rand(len(lengths), width, generator=g) * 3 * mask if teacher_entropy else None
+    return TokenStats(entropy, reverse_kl, reverse_kl.sqrt(), mask, teacher_entropy=teacher)
 
 
 def test_step_summary_shares_sum_to_one_and_count_exactly():
@@ -129,3 +131,70 @@ def test_bad_tracker_arguments():
         HistogramSpec(entropy_bins=0)
     with pytest.raises(ValueError, match="different histogram bins"):
         QuadrantTracker().merge(QuadrantTracker(histogram=HistogramSpec(entropy_bins=3)))
+
+
+def test_teacher_entropy_means_per_quadrant():
+    """`teacher_entropy/Q*` and `teacher_entropy` are the means of `TokenStats.teacher_entropy` over each quadrant's
+    valid tokens and over all of them, computed directly here from a hand-made batch."""
+    stats = four_quadrant_stats()
+    # Quadrants of the valid tokens (fixed thresholds): Q1, Q2, Q3, Q4, Q4; the last position is padding.
+    stats.teacher_entropy = torch.tensor([[1.5, 0.25, 4.0, 0.5, 1.0, 0.0]])
+    tracker = QuadrantTracker(entropy_threshold=1.0, divergence_threshold=0.5)
+    summary = tracker.update(1, tracker.measure(stats, stats.mask))
+    assert [summary[f"teacher_entropy/{q}"] for q in QUADRANT_NAMES] == [1.5, 0.25, 4.0, 0.75]
+    assert summary["teacher_entropy"] == pytest.approx((1.5 + 0.25 + 4.0 + 0.5 + 1.0) / 5)
+
+    stats = random_stats(3)
+    quadrant = classify_quadrants(stats)
+    summary = QuadrantTracker().measure(stats, stats.mask).summary()
+    for i, q in enumerate(QUADRANT_NAMES):
+        expected = stats.teacher_entropy[quadrant == i].double().mean().item()
+        assert summary[f"teacher_entropy/{q}"] == pytest.approx(expected, rel=1e-12)
+    assert summary["teacher_entropy"] == pytest.approx(stats.teacher_entropy[stats.mask].double().mean().item())
+
+
+def test_statistics_without_teacher_entropy_leave_its_keys_out():
+    """Hand-built statistics (no `teacher_entropy`) are measured as before, without the teacher-entropy keys; merged
+    with statistics that have one, the means count only the tokens it was measured on."""
+    fixed = {"entropy_threshold": 2.0, "divergence_threshold": 0.1}
+    without, with_it = random_stats(4, teacher_entropy=False), random_stats(5)
+    tracker = QuadrantTracker(**fixed)
+    summary = tracker.update(1, tracker.measure(without, without.mask))
+    assert not any(key.startswith("teacher_entropy") for key in summary)
+    assert summary["num_tokens"] == without.num_valid
+    summary = tracker.update(1, tracker.measure(with_it, with_it.mask))
+    alone = QuadrantTracker(**fixed).measure(with_it, with_it.mask).summary()
+    for key in ["teacher_entropy", *(f"teacher_entropy/{q}" for q in QUADRANT_NAMES)]:
+        assert summary[key] == pytest.approx(alone[key], rel=1e-12), key
+    assert summary["num_tokens"] == without.num_valid + with_it.num_valid
+
+
+def test_teacher_entropy_is_saved_and_a_tracker_saved_without_it_still_loads(tmp_path):
+    tracker = QuadrantTracker()
+    for step in range(1, 3):
+        stats = random_stats(step)
+        tracker.update(step, tracker.measure(stats, stats.mask & (stats.entropy > 2)))
+    tracker.save(tmp_path / "new")
+    again = QuadrantTracker.load(tmp_path / "new")
+    assert again.step_rows() == tracker.step_rows()
+    steps = load_dataset("json", data_files=str(tmp_path / "new" / "steps.jsonl"), split="train")
+    assert all(row["teacher_entropy"] > 0 and "teacher_entropy/Q1" in row for row in steps)
+
+    # A tracker.json written before the teacher's entropy was recorded: no `teacher_entropy_*` fields.
+    state = tracker.state_dict()
+    for counts in state["steps"].values():
+        del counts["teacher_entropy_sum"], counts["teacher_entropy_tokens"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "tracker.json").write_text(json.dumps(state))
+    old = QuadrantTracker.load(tmp_path / "old")
+    rows = old.step_rows()
+    assert [row["step"] for row in rows] == [1, 2]
+    assert not any(key.startswith("teacher_entropy") for row in rows for key in row)
+    expected = [{k: v for k, v in row.items() if not k.startswith("teacher_entropy")} for row in tracker.step_rows()]
+    assert rows == expected
+    # It keeps accumulating (and flattening, as `all_reduce` does) with counts that have the field.
+    stats = random_stats(9)
+    summary = old.update(2, old.measure(stats, stats.mask))
+    assert summary["teacher_entropy"] == pytest.approx(stats.teacher_entropy[stats.mask].double().mean().item())
+    counts = old.steps[2]
+    assert torch.equal(counts.unflatten(counts.flatten()).flatten(), counts.flatten())

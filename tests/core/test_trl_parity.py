@@ -75,8 +75,18 @@ def test_trainer_hooks_keep_their_signatures():
 def test_kernel_internals_used_by_the_statistics_pass():
     for name in ("_project", "_stats_tile", "_stats_kernel", "_compute_dtype", "TOKEN_CHUNK_SIZE", "VOCAB_CHUNK_SIZE"):
         assert hasattr(chunked_divergence, name), name
-    for name in ("_BLOCK_SIZE", "_use_triton"):
+    for name in ("_BLOCK_SIZE", "_use_triton", "_jit", "_transform", "_torch_transform"):
         assert hasattr(chunked_logprob, name), name
+    # The teacher-entropy fold applies TRL's logit transform, in Triton and in torch, with these arguments.
+    for transform in (chunked_logprob._torch_transform, getattr(chunked_logprob._transform, "fn", None)):
+        if transform is not None:
+            assert list(inspect.signature(transform).parameters) == [
+                "z",
+                "logit_scale",
+                "softcap",
+                "inv_t",
+                "HAS_SOFTCAP",
+            ]
     assert list(inspect.signature(chunked_divergence._stats_tile).parameters) == [
         "s_tile",
         "s_stride",
@@ -191,7 +201,9 @@ def test_only_the_adapter_imports_private_trl_kernel_symbols():
     package = paths.ROOT / "trl_tip"
     assert pathlib.Path(trl_tip.__file__).parent == package
     kernel_import = re.compile(r"^\s*(from|import)\s+trl\.kernels", re.MULTILINE)
-    private = re.compile(r"\b(_project|_stats_tile|_stats_kernel|_compute_dtype|_BLOCK_SIZE|_use_triton)\b")
+    private = re.compile(
+        r"\b(_project|_stats_tile|_stats_kernel|_compute_dtype|_BLOCK_SIZE|_use_triton|_jit|_transform|_torch_transform)\b"
+    )
     offenders = sorted(
         str(path.relative_to(package))
         for path in package.rglob("*.py")

@@ -1,10 +1,11 @@
 """CUDA checks of the statistics pass and the masked loss against float64 full-logit references and TRL's own loss.
 
-On CUDA `compute_token_stats` drives TRL's Triton `_stats_kernel` through `trl_kernels.fold_tile` and
-`masked_gjsd_loss` hands TRL's `ChunkedDivergenceFunction.backward` a context built by `DivergenceFromStats`; the CPU
-tests (tests/core) only reach the eager twins. These tests run that code on a GPU, in float32, in bfloat16 and under
-bfloat16 autocast with float32 weights (the usual `bf16=True` training setup), at 100/50/10% selection, with
-temperature != 1, with logit scale and softcapping, and on shapes that cross TRL's tiles (4096 tokens, 32768 columns).
+On CUDA `compute_token_stats` drives TRL's Triton `_stats_kernel` through `trl_kernels.fold_tile` (and trl_tip's own
+`_teacher_x_sum_kernel` for the teacher's entropy) and `masked_gjsd_loss` hands TRL's
+`ChunkedDivergenceFunction.backward` a context built by `DivergenceFromStats`; the CPU tests (tests/core) only reach
+the eager twins. These tests run that code on a GPU, in float32, in bfloat16 and under bfloat16 autocast with float32
+weights (the usual `bf16=True` training setup), at 100/50/10% selection, with temperature != 1, with logit scale and
+softcapping, and on shapes that cross TRL's tiles (4096 tokens, 32768 columns).
 
     pytest -m cuda tests/cuda                          # on a GPU machine; skipped (with the reason) without one
     TRL_TIP_TEST_DEVICE=cpu pytest -m cuda tests/cuda  # the same checks on CPU, to test the tests
@@ -25,7 +26,7 @@ Tolerances (all "relative to max": max |actual - expected| / max |expected|):
 
 import pytest
 import torch
-from reference import ragged_mask, reference_gjsd, reference_logits, reference_stats
+from reference import ragged_mask, reference_entropy, reference_gjsd, reference_logits, reference_stats
 from trl.trainer.distillation_trainer import _chunked_divergence_loss
 
 from trl_tip import build_selector, compute_token_stats, masked_gjsd_loss, resolve_selection
@@ -33,7 +34,8 @@ from trl_tip import build_selector, compute_token_stats, masked_gjsd_loss, resol
 
 pytestmark = pytest.mark.cuda
 
-STAT_NAMES = ("entropy", "reverse_kl", "forward_kl")
+# `teacher_entropy` is the extra accumulator folded by trl_tip's own Triton kernel (`trl_kernels.fold_teacher_x_sum`).
+STAT_NAMES = ("entropy", "reverse_kl", "forward_kl", "teacher_entropy")
 # Input precision modes: tensors' dtype, and whether the computation runs under bf16 autocast (fp32 weights).
 MODES = {
     "float32": (torch.float32, False),
@@ -113,13 +115,14 @@ def reference(x, keep, beta, temperature, transforms, mode, chunk=512):
             temperature=temperature,
         )
 
-    stats = torch.zeros(3, h_s.shape[0], dtype=torch.float64, device=h_s.device)
+    stats = torch.zeros(len(STAT_NAMES), h_s.shape[0], dtype=torch.float64, device=h_s.device)
     valid_rows = x["mask"].reshape(-1).nonzero().squeeze(1)
     with torch.no_grad():
         for start in range(0, len(valid_rows), chunk):
             rows = valid_rows[start : start + chunk]
+            z_t = logits(h_t[rows], w_t, "teacher")
             stats[:, rows] = torch.stack(
-                reference_stats(logits(h_s[rows], w_s, "student"), logits(h_t[rows], w_t, "teacher"))
+                (*reference_stats(logits(h_s[rows], w_s, "student"), z_t), reference_entropy(z_t))
             )
 
     keep_rows = keep.reshape(-1).nonzero().squeeze(1)

@@ -3,6 +3,7 @@ the argument checks that must fail before any model is loaded."""
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from trl_tip.cli import main as cli_main
 from trl_tip.core.quadrants import QUADRANT_NAMES
 from trl_tip.study import StudyArguments, aggregate, mean_se, paired_difference, parse_args, run_study
 from trl_tip.study import runner as study_runner
-from trl_tip.study.grid import DEFAULT_RULES, DEFAULT_SEEDS, STUDY_SELECTORS
+from trl_tip.study.grid import DEFAULT_RULES, DEFAULT_SEEDS, RULE_OPTIONS, STUDY_SELECTORS, Rule, parse_rule
 from trl_tip.study.report import plot_study, summary_markdown
 from trl_tip.utils.files import read_jsonl
 
@@ -255,6 +256,78 @@ def test_empty_or_malformed_grid_names_the_option(tmp_path, monkeypatch, capsys)
         cli_main(["study", "--rules", "--output-dir", str(tmp_path / "o")])
     assert "argument --rules" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+# Rule options: a rule may set schedule and weighting fields of `TIPConfig` after its ratio.
+
+
+def test_a_rule_with_an_option_parses_labels_and_names_its_runs():
+    rule = parse_rule("soft_or:0.5+selection_ratio_schedule=adaptive")
+    assert rule == Rule(name="soft_or", ratio=0.5, options=(("selection_ratio_schedule", "adaptive"),))
+    assert rule.label == "soft_or:0.5+selection_ratio_schedule=adaptive"
+    assert parse_rule(rule.label) == rule
+    run_id = rule.run_id(1)
+    assert run_id == "soft_or-0.5_selection_ratio_schedule_adaptive-seed1"
+    assert re.fullmatch(r"[A-Za-z0-9_.-]+", run_id), "file-name safe"
+    assert run_id != parse_rule("soft_or:0.5").run_id(1) == "soft_or-0.5-seed1"
+    two = parse_rule("soft_or:0.5+beta_schedule=0:0,0.5:1+paced_alpha=2")
+    assert two.options == (("beta_schedule", "0:0,0.5:1"), ("paced_alpha", "2"))
+    assert parse_rule(two.label) == two
+    assert re.fullmatch(r"[A-Za-z0-9_.-]+", two.run_id(0))
+
+
+def test_rule_options_become_config_keyword_arguments_with_numbers_as_floats():
+    rule = parse_rule("random:0.5+selection_ratio_start=0.9+paced_alpha=2+problem_weighting=paced")
+    options = rule.config_options()
+    assert options == {"selection_ratio_start": 0.9, "paced_alpha": 2.0, "problem_weighting": "paced"}
+    assert isinstance(options["paced_alpha"], float)
+    assert parse_rule("soft_or:0.5").config_options() == {}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("soft_or:0.5+learning_rate=1e-4", r"--rules: unknown option 'learning_rate' in .*; a rule may set "),
+        (
+            "soft_or:0.5+selection_ratio_schedule",
+            r"--rules: .* must be `option=value`, e\.g\. \+problem_weighting=paced",
+        ),
+        ("soft_or:0.5+selection_ratio_schedule=", "must be `option=value`"),
+        ("soft_or:0.5+paced_alpha=1+paced_alpha=2", r"--rules: 'soft_or:0.5\+paced_alpha=1\+paced_alpha=2' sets an "),
+    ],
+)
+def test_malformed_rule_options_are_refused_naming_rules(text, message):
+    with pytest.raises(ValueError, match=message) as error:
+        parse_rule(text)
+    if "unknown option" in message:
+        for option in RULE_OPTIONS:
+            assert option in str(error.value)
+
+
+def test_rule_options_are_checked_against_the_grids_knobs_before_any_run(tmp_path, monkeypatch):
+    import trl_tip.demo.command as demo_command
+
+    monkeypatch.setattr(demo_command, "load_models", lambda *a, **k: pytest.fail("a model was loaded"))
+    out = tmp_path / "study"
+    # PACED grades a problem by the share of its rollouts that are right: one rollout per prompt cannot.
+    with pytest.raises(ValueError) as error:
+        StudyArguments(rules=["all:1.0+problem_weighting=paced"], output_dir=str(out))
+    message = str(error.value)
+    assert message.startswith("--rules: 'all:1+problem_weighting=paced': ")
+    assert "`num_rollouts_per_prompt` >= 2" in message
+    # A bad option value fails the same way, naming the field.
+    named = r"--rules: 'soft_or:0.5\+selection_ratio_schedule=exponential': `selection_ratio_schedule` must be one of"
+    with pytest.raises(ValueError, match=named):
+        parse_args(["--rules", "soft_or:0.5+selection_ratio_schedule=exponential", "--output-dir", str(out)])
+    with pytest.raises(ValueError, match=r"`selection_ratio_start`=0.3 is below `selection_ratio`=0.5"):
+        StudyArguments(rules=["soft_or:0.5+selection_ratio_schedule=linear+selection_ratio_start=0.3"])
+    assert not out.exists(), "nothing is written for a bad grid"
+    args = StudyArguments(
+        rules=["all:1.0+problem_weighting=paced"], num_rollouts_per_prompt=4, batch_size=8, output_dir=str(out)
+    )
+    assert args.rules == ["all:1+problem_weighting=paced"]
+    assert [rule.options for rule, _ in args.grid] == [(("problem_weighting", "paced"),)] * len(DEFAULT_SEEDS)
+    assert not out.exists(), "checking the options writes nothing"
 
 
 def test_a_folder_with_other_settings_is_refused_before_loading(tiny_models, tmp_path, monkeypatch):

@@ -25,6 +25,34 @@ def test_there_is_a_recipe_per_pair_and_variant():
     assert "tiny_cpu.yaml" in names
 
 
+# The presets beyond TIP (README, "Rules from other papers, as presets"): what each recipe must set.
+PRESETS = {
+    "se_kd_20": {"token_selector": "entropy_topk", "selection_ratio": 0.2, "selection_scope": "sequence"},
+    "entropy_top20_batch": {"token_selector": "entropy_topk", "selection_ratio": 0.2, "selection_scope": "batch"},
+    "latf_adaptive_10": {
+        "token_selector": "divergence_topk",
+        "selection_ratio": 0.1,
+        "selection_ratio_schedule": "adaptive",
+        "selection_ratio_start": 1.0,
+    },
+    "soft_or_50_cosine": {"token_selector": "soft_or", "selection_ratio": 0.5, "selection_ratio_schedule": "cosine"},
+    "paced": {"token_selector": "all", "problem_weighting": "paced", "paced_answer_column": "solution"},
+    "fkl_then_rkl": {"token_selector": "all", "beta_schedule": "0:0,0.5:1"},
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_preset_recipes_set_the_rule_they_name(preset, tmp_path):
+    recipe = ROOT / "recipes" / "qwen3_8b_to_4b" / f"{preset}.yaml"
+    _, config, _, _ = make_parser().parse_args_and_config(
+        args=["--config", str(recipe), "--use_cpu", "true", "--output_dir", str(tmp_path)]
+    )
+    for name, value in PRESETS[preset].items():
+        assert getattr(config, name) == value, name
+    if preset == "fkl_then_rkl":
+        assert [config.beta_schedule_value(p) for p in (0.0, 0.49, 0.5, 0.99)] == [0.0, 0.0, 1.0, 1.0]
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.relative_to(ROOT / "recipes").as_posix())
 def test_recipe_parses_and_validates(recipe, tmp_path):
     # bf16 recipes validate on this CPU-only machine only with use_cpu (CPU autocast); the rest is as written.

@@ -147,3 +147,104 @@ def test_trainer_rechecks_rollouts_when_the_batch_changed_after_the_config_was_b
             train_dataset=tiny_math_dataset(4),
             processing_class=tokenizer,
         )
+
+
+# Schedules: the kept ratio and beta over training.
+
+
+def test_unknown_selection_ratio_schedule_lists_the_schedules(tmp_path):
+    message = re.escape(
+        "`selection_ratio_schedule` must be one of 'constant', 'linear', 'cosine', 'adaptive'; got 'exponential'."
+    )
+    with pytest.raises(ValueError, match=message):
+        config(tmp_path, selection_ratio_schedule="exponential")
+
+
+def test_a_decaying_ratio_schedule_must_start_at_or_above_the_final_ratio(tmp_path):
+    with pytest.raises(ValueError) as error:
+        config(tmp_path, selection_ratio_schedule="linear", selection_ratio=0.5, selection_ratio_start=0.3)
+    message = str(error.value)
+    assert "`selection_ratio_start`=0.3 is below `selection_ratio`=0.5" in message
+    assert "Set `selection_ratio_start` to a value in [0.5, 1.0]" in message
+    assert '`selection_ratio_schedule="constant"`' in message
+
+
+def test_a_ratio_schedule_with_the_all_selector_is_refused(tmp_path):
+    with pytest.raises(ValueError) as error:
+        config(tmp_path, selection_ratio_schedule="cosine", token_selector="all")
+    message = str(error.value)
+    assert '`selection_ratio_schedule="cosine"` has nothing to move with `token_selector="all"`' in message
+    assert '`token_selector="divergence_topk"`' in message and '`selection_ratio_schedule="constant"`' in message
+    assert config(tmp_path, selection_ratio_schedule="constant", token_selector="all").selection_ratio == 1.0
+
+
+@pytest.mark.parametrize(
+    "beta_schedule, message",
+    [
+        ("0.2:0.0,0.6:1.0", "`beta_schedule` must cover the whole run: its first piece starts at progress 0.2, not 0"),
+        ("0:1.5", r"`beta_schedule` betas must be in \[0, 1\] \(0 forward KL, 1 reverse KL\); got 1.5"),
+        ("fkl then rkl", r"`beta_schedule` must be `progress:beta` pairs separated by commas, e.g\. "),
+    ],
+)
+def test_a_beta_schedule_that_cannot_run_is_refused(beta_schedule, message, tmp_path):
+    with pytest.raises(ValueError, match=message) as error:
+        config(tmp_path, beta_schedule=beta_schedule)
+    if "cover" in message or "pairs" in message:
+        assert '`beta_schedule="0:0.0,0.5:1.0"`' in str(error.value), "the fix is spelled out"
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("adaptive_ratio_step", 0, r"`adaptive_ratio_step` must be a number in \(0, 1\); got 0\."),
+        ("adaptive_ratio_step", 1.0, r"`adaptive_ratio_step` must be a number in \(0, 1\); got 1\.0\."),
+        ("adaptive_ratio_tolerance", 1.0, r"`adaptive_ratio_tolerance` must be a number in \[0, 1\); got 1\.0\."),
+        ("adaptive_ratio_ema_decay", 1.0, r"`adaptive_ratio_ema_decay` must be a number in \[0, 1\); got 1\.0\."),
+    ],
+)
+def test_adaptive_ratio_settings_out_of_range_are_refused(field, value, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        config(tmp_path, selection_ratio_schedule="adaptive", **{field: value})
+
+
+def test_valid_schedules_build_and_the_beta_schedule_is_normalized(tmp_path):
+    args = config(tmp_path, beta_schedule="0:0,0.5:1")
+    assert args.beta_schedule == "0:0,0.5:1"
+    assert args.beta_schedule_value(0.25) == 0.0 and args.beta_schedule_value(0.75) == 1.0
+    assert config(tmp_path, beta_schedule="0:0.0, 0.5:1.0").beta_schedule == "0:0,0.5:1"
+    assert config(tmp_path).beta_schedule_value is None
+    linear = config(tmp_path, selection_ratio_schedule="linear", selection_ratio=0.2)
+    assert (linear.selection_ratio_schedule, linear.selection_ratio, linear.selection_ratio_start) == (
+        "linear",
+        0.2,
+        1.0,
+    )
+    adaptive = config(tmp_path, selection_ratio_schedule="adaptive", selection_ratio=0.2, adaptive_ratio_tolerance=0)
+    assert adaptive.adaptive_ratio_tolerance == 0
+
+
+# Problem weighting (PACED).
+
+
+def test_paced_weighting_needs_several_rollouts_per_prompt(tmp_path):
+    with pytest.raises(ValueError) as error:
+        config(tmp_path, problem_weighting="paced", num_rollouts_per_prompt=1)
+    message = str(error.value)
+    assert "needs `num_rollouts_per_prompt` >= 2; got 1" in message
+    assert "`num_rollouts_per_prompt=4`" in message and '`problem_weighting="none"`' in message
+    args = config(tmp_path, problem_weighting="paced", num_rollouts_per_prompt=4)
+    assert (args.problem_weighting, args.paced_alpha, args.paced_beta) == ("paced", 1.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"problem_weighting": "focal"}, "`problem_weighting` must be one of 'none', 'paced'; got 'focal'."),
+        ({"paced_alpha": -1}, "`paced_alpha` must be a finite number >= 0 (PACED's default: 1.0); got -1."),
+        ({"paced_beta": float("inf")}, "`paced_beta` must be a finite number >= 0 (PACED's default: 1.0); got inf."),
+        ({"paced_answer_format": "latex"}, "`paced_answer_format` must be one of 'boxed', 'number'; got 'latex'."),
+    ],
+)
+def test_bad_problem_weighting_settings_are_refused(fields, message, tmp_path):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config(tmp_path, **fields)

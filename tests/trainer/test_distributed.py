@@ -312,3 +312,99 @@ def test_zero3_trains_heads_of_different_sizes_like_one_process(student_rows, te
     assert len(zero3_losses) == 2 and all(math.isfinite(loss) and loss > 0 for loss in zero3_losses)
     assert zero3_losses == pytest.approx(single_losses, rel=1e-4)
     assert [s["num_selected"] for s in zero3_steps] == [s["num_selected"] for s in single_steps]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# PACED and the adaptive ratio on two processes. TRL hands each process a contiguous slice of the generation batch, so
+# with 3 rollouts per process and 2 rollouts per prompt the batch [a a b b c c] is split [a a b | b c c]: problem `b`
+# has one rollout on each process, and its pass rate must combine both. The weights are rescaled over the tokens of the
+# whole generation batch, both processes' (`paced_weights`). (With 2 rollouts per process every problem would sit on
+# one process; with 1, every batch holds one problem, whose weights are all 1 or all 0 whatever the token counts.)
+# The adaptive ratio is updated from the loss averaged over processes, so both hold the same ratio at every step.
+
+PACED_RUN = paths.TESTS / "trainer" / "paced_run.py"
+
+
+def paced_formula(rollouts: list[dict], alpha: float = 1.0, beta: float = 1.0) -> list[float]:
+    """PACED's weights written out: w(p) = p^alpha (1 - p)^beta of each rollout's problem, p the mean reward of the
+    problem's rollouts in `rollouts`, rescaled so that sum_i w_i n_i = sum_i n_i (all zero when that sum is zero)."""
+    rewards: dict = {}
+    for rollout in rollouts:
+        rewards.setdefault(rollout["question"], []).append(rollout["reward"])
+    raw = []
+    for rollout in rollouts:
+        p = sum(rewards[rollout["question"]]) / len(rewards[rollout["question"]])
+        raw.append(p**alpha * (1 - p) ** beta)
+    tokens = [rollout["tokens"] for rollout in rollouts]
+    weighted = sum(w * n for w, n in zip(raw, tokens))
+    return [0.0] * len(raw) if weighted <= 0 else [w * sum(tokens) / weighted for w in raw]
+
+
+@pytest.mark.timeout(900)
+def test_paced_pass_rates_and_the_adaptive_ratio_are_global_on_two_processes(tiny_models, tmp_path):
+    from trl_tip.core.schedules import AdaptiveRatio
+
+    max_steps = 4
+    latf = {"ema_decay": 0.5, "step": 0.2, "tolerance": 0.0}
+    flags = {
+        "lmbda": 1,  # on-policy: the student's rollouts, graded by the entry script's `parity_reward`
+        "num_rollouts_per_prompt": 2,
+        "problem_weighting": "paced",
+        "token_selector": "divergence_topk",
+        "selection_ratio": 0.1,
+        "selection_ratio_schedule": "adaptive",
+        **{f"adaptive_ratio_{name}": value for name, value in latf.items()},
+    }
+    launch(
+        tiny_models,
+        tiny_models / "prompts.jsonl",
+        tmp_path,
+        processes=2,
+        per_device_batch=3,
+        max_steps=max_steps,
+        save_steps=max_steps,
+        gradient_accumulation_steps=1,
+        entry=PACED_RUN,
+        extra=[item for name, value in flags.items() for item in (f"--{name}", str(value))],
+    )
+    rows = {}
+    for name in ("paced", "loss"):
+        for rank in (0, 1):
+            for line in open(tmp_path / f"{name}_rank{rank}.jsonl"):
+                row = json.loads(line)
+                rows[name, row["step"], row["rank"]] = row
+    steps = range(1, max_steps + 1)
+    assert set(rows) == {(name, step, rank) for name in ("paced", "loss") for step in steps for rank in (0, 1)}
+
+    split_half_passed = local_differs = False
+    pass_rates = set()
+    for step in steps:
+        local = [rows["paced", step, rank]["rollouts"] for rank in (0, 1)]
+        union = local[0] + local[1]
+        questions = [rollout["question"] for rollout in union]
+        assert all(questions.count(q) == 2 for q in questions) and len(set(questions)) == 3, step
+        # Every process's weights are PACED's formula over the whole generation batch, both processes' rollouts.
+        expected = paced_formula(union)
+        actual = [rollout["weight"] for rollout in union]
+        assert actual == pytest.approx(expected, rel=1e-5, abs=1e-7), step
+        # The cases the run must hold, so the comparison above is not vacuous.
+        split = {r["question"] for r in local[0]} & {r["question"] for r in local[1]}
+        assert len(split) == 1, "one problem has a rollout on each process"
+        rewards = {q: [r["reward"] for r in union if r["question"] == q] for q in questions}
+        pass_rates.update(sum(v) / 2 for v in rewards.values())
+        split_half_passed |= sum(rewards[split.pop()]) == 1
+        local_differs |= paced_formula(local[0]) + paced_formula(local[1]) != pytest.approx(expected)
+    assert pass_rates == {0.0, 0.5, 1.0}
+    assert split_half_passed, "at some step the problem split across the processes passes once in two (p = 1/2)"
+    assert local_differs, "at some step weights from one process's rollouts alone differ from the global ones"
+
+    # Both processes hold the same ratio at every step: LATF's rule fed the loss averaged over processes.
+    ratios = [[rows["paced", step, rank]["ratio"] for rank in (0, 1)] for step in steps]
+    assert all(a == b for a, b in ratios), ratios
+    controller = AdaptiveRatio(ratio=1.0, floor=0.1, **latf)
+    expected_ratios = []
+    for step in steps:
+        expected_ratios.append(controller.ratio)
+        controller.update(sum(rows["loss", step, rank]["loss"] for rank in (0, 1)) / 2)
+    assert [a for a, _ in ratios] == pytest.approx(expected_ratios, rel=1e-6)
+    assert len({a for a, _ in ratios}) > 1, "the ratio moved during the run"

@@ -11,7 +11,6 @@ from trl.chat_template_utils import qwen2_5_chat_template
 
 from trl_tip import EntropyTopK, TIPConfig, TIPGKDTrainer
 from trl_tip.testing import tiny_causal_lm, tiny_math_dataset, tiny_tokenizer
-from trl_tip.trainer import tip_trainer
 
 
 SETTINGS = TINY_CPU_RUN
@@ -20,28 +19,6 @@ SETTINGS = TINY_CPU_RUN
 def kept_per_rollout(valid_tokens: int, ratio_tenths: int) -> int:
     """The ratio selectors' count, in exact integers: floor(ratio * m) of a rollout's m valid tokens, at least one."""
     return max(1, valid_tokens * ratio_tenths // 10) if valid_tokens else 0
-
-
-@pytest.fixture
-def loss_calls(monkeypatch):
-    """Records every call of the masked loss inside the trainer: its inputs (copied before the optimizer steps) and
-    its loss."""
-    calls = []
-    original = tip_trainer.masked_gjsd_loss
-
-    def recording(student_hidden, teacher_hidden, student_head, teacher_head, selected_mask, **kwargs):
-        loss, loss_sum, num_selected = original(
-            student_hidden, teacher_hidden, student_head, teacher_head, selected_mask, **kwargs
-        )
-        copy = {"student_hidden": student_hidden, "teacher_hidden": teacher_hidden}
-        copy.update({"student_head": student_head, "teacher_head": teacher_head, "selected": selected_mask})
-        copy = {name: value.detach().clone() for name, value in copy.items()}
-        copy.update(kwargs, loss=loss.detach().clone())
-        calls.append(copy)
-        return loss, loss_sum, num_selected
-
-    monkeypatch.setattr(tip_trainer, "masked_gjsd_loss", recording)
-    return calls
 
 
 # ---------------------------------------------------------------------------------------------------------------------

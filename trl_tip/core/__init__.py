@@ -1,8 +1,10 @@
-"""TIP's math, importable without any trainer: per-token statistics, token selectors, quadrant statistics and the
-masked chunked generalized-JSD loss. Pure torch plus TRL's kernel module, reached through `trl_kernels` only."""
+"""TIP's math, importable without any trainer: per-token statistics, token selectors, quadrant statistics, the
+masked chunked generalized-JSD loss, and the schedules and problem weights beyond TIP. Pure torch plus TRL's kernel
+module, reached through `trl_kernels` only."""
 
 from .loss import LOSS_NORMALIZATIONS, masked_gjsd_loss
 from .quadrants import QUADRANT_NAMES, HistogramSpec, QuadrantCounts, QuadrantTracker, classify_quadrants
+from .schedules import RATIO_SCHEDULES, AdaptiveRatio, BetaSchedule, paced_weight, paced_weights, scheduled_ratio
 from .selectors import (
     SELECTION_SCOPES,
     SELECTORS,
@@ -31,9 +33,12 @@ from .stats import TokenStats, compute_token_stats
 __all__ = [
     "LOSS_NORMALIZATIONS",
     "QUADRANT_NAMES",
+    "RATIO_SCHEDULES",
     "SELECTION_SCOPES",
     "SELECTORS",
+    "AdaptiveRatio",
     "AllTokens",
+    "BetaSchedule",
     "DivergenceTopK",
     "EntropySampling",
     "EntropyTopK",
@@ -55,7 +60,10 @@ __all__ = [
     "compute_token_stats",
     "kept_per_sequence",
     "masked_gjsd_loss",
+    "paced_weight",
+    "paced_weights",
     "resolve_selection",
+    "scheduled_ratio",
     "selected_token_count",
     "top_k_mask",
 ]

@@ -8,7 +8,8 @@
 | Q4 | low | low | solved |
 
 Counts are kept as raw sums (not shares) so that ranks, gradient-accumulation micro-batches and whole runs merge by
-addition, and shares are derived when read.
+addition, and shares are derived when read. Besides the two axes, each quadrant keeps the sums of the forward KL and
+of the teacher's entropy (`TokenStats.teacher_entropy`), so that their means can be read per quadrant too.
 """
 
 from __future__ import annotations
@@ -119,6 +120,10 @@ class QuadrantCounts:
         tokens, selected (`torch.Tensor`): `(4,)` token counts per quadrant, of all valid and of selected tokens.
         entropy_sum, reverse_kl_sum, forward_kl_sum (`torch.Tensor`): `(4,)` sums over the valid tokens.
         histogram, selected_histogram (`torch.Tensor`): `(entropy_bins, log10_divergence_bins)` token counts.
+        teacher_entropy_sum, teacher_entropy_tokens (`torch.Tensor`): `(4,)` sum of the teacher's entropy and count of
+            the valid tokens it was measured on (statistics without `teacher_entropy` add neither), so that its means
+            stay exact when such statistics are merged with others. Zero by default: counts saved before the field
+            existed load with it absent.
     """
 
     tokens: torch.Tensor
@@ -128,6 +133,8 @@ class QuadrantCounts:
     forward_kl_sum: torch.Tensor
     histogram: torch.Tensor
     selected_histogram: torch.Tensor
+    teacher_entropy_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(4, dtype=torch.float64))
+    teacher_entropy_tokens: torch.Tensor = field(default_factory=lambda: torch.zeros(4, dtype=torch.float64))
 
     @classmethod
     def zeros(cls, spec: HistogramSpec) -> QuadrantCounts:
@@ -172,7 +179,9 @@ class QuadrantCounts:
         return self.unflatten(flat)
 
     def summary(self) -> dict[str, float]:
-        """Shares and means as flat, log-ready metrics: `quadrant_share/Q1`, `selected_share/Q1`, ..."""
+        """Shares and means as flat, log-ready metrics: `quadrant_share/Q1`, `selected_share/Q1`, ...
+
+        The teacher-entropy means (`teacher_entropy/Q1`, ..., `teacher_entropy`) are left out when no token had one."""
         total, kept = float(self.tokens.sum()), float(self.selected.sum())
         metrics = {"selected_fraction": kept / total if total else 0.0, "num_tokens": total, "num_selected": kept}
         for i, q in enumerate(QUADRANT_NAMES):
@@ -186,6 +195,12 @@ class QuadrantCounts:
         metrics["entropy"] = float(self.entropy_sum.sum()) / total if total else 0.0
         metrics["reverse_kl"] = float(self.reverse_kl_sum.sum()) / total if total else 0.0
         metrics["forward_kl"] = float(self.forward_kl_sum.sum()) / total if total else 0.0
+        measured = float(self.teacher_entropy_tokens.sum())
+        if measured:
+            for i, q in enumerate(QUADRANT_NAMES):
+                n = float(self.teacher_entropy_tokens[i])
+                metrics[f"teacher_entropy/{q}"] = float(self.teacher_entropy_sum[i]) / n if n else 0.0
+            metrics["teacher_entropy"] = float(self.teacher_entropy_sum.sum()) / measured
         return metrics
 
 
@@ -210,6 +225,13 @@ def measure_quadrants(
         src = torch.ones_like(index, dtype=torch.float64) if values is None else values.to(torch.float64)
         return out.index_add_(0, index, src).cpu()
 
+    teacher_entropy = {}
+    if stats.teacher_entropy is not None:
+        teacher_entropy = {
+            "teacher_entropy_sum": per_quadrant(q, stats.teacher_entropy[valid]),
+            "teacher_entropy_tokens": per_quadrant(q),
+        }
+
     n_bins = spec.entropy_bins * spec.log10_divergence_bins
     bins = spec.bin_index(stats.entropy, stats.reverse_kl)
 
@@ -225,6 +247,7 @@ def measure_quadrants(
         forward_kl_sum=per_quadrant(q, stats.forward_kl[valid]),
         histogram=histogram(valid),
         selected_histogram=histogram(kept),
+        **teacher_entropy,
     )
 
 

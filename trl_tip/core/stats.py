@@ -1,10 +1,12 @@
-"""Per-token TIP statistics: student entropy, reverse KL and forward KL, from one chunked no-grad pass.
+"""Per-token TIP statistics: student and teacher entropy, reverse KL and forward KL, from one chunked no-grad pass.
 
 The two TIP axes (entropy and divergence, `TIP_SPEC.md`) and the forward KL used by the Q3 score all follow from the
 same online-logsumexp folds that TRL's `ChunkedDivergenceFunction` runs in its forward: the student and teacher
 normalizers, the student's `E_s[z_s]`, and the two cross terms `E_s[z_t - z_s]` and `E_t[z_t - z_s]`. TRL's function
 returns only one divergence, so this module drives TRL's own tile projection and fold (through `trl_kernels`, the one
-adapter to TRL's private tile helpers) and reads all three statistics from the same accumulators.
+adapter to TRL's private tile helpers) and reads all three statistics from the same accumulators. The teacher's
+entropy `H(P_T) = log Z_t - E_t[z_t]` needs one more accumulator, the teacher's `E_t[z_t]`, folded over the same
+tiles (`trl_kernels.fold_teacher_x_sum`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ class TokenStats:
             `KL(P_T || P_S)` in nats, used by the Q3 overconfidence score (float32).
         mask (`torch.Tensor`):
             Boolean mask of the valid completion tokens (not padding, not tool output).
+        teacher_entropy (`torch.Tensor`, *optional*):
+            Teacher entropy `H(P_T)` in nats (float32), set by [`compute_token_stats`] unless it is called with
+            `teacher_entropy=False`; `None` when absent (statistics built by hand, for instance).
         student_log_z, teacher_log_z (`torch.Tensor`, *optional*):
             Log-partition functions of the two models' tempered logits, set by [`compute_token_stats`] so that
             [`~trl_tip.core.loss.masked_gjsd_loss`] can skip its own forward projection for the KL endpoints.
@@ -53,6 +58,7 @@ class TokenStats:
     reverse_kl: torch.Tensor
     forward_kl: torch.Tensor
     mask: torch.Tensor
+    teacher_entropy: torch.Tensor | None = None
     student_log_z: torch.Tensor | None = field(default=None, repr=False)
     teacher_log_z: torch.Tensor | None = field(default=None, repr=False)
     projection: dict[str, Any] | None = field(default=None, repr=False)
@@ -99,9 +105,11 @@ def compute_token_stats(
     teacher_final_logit_softcapping: float | None = None,
     token_chunk_size: int = TOKEN_CHUNK_SIZE,
     vocab_chunk_size: int = VOCAB_CHUNK_SIZE,
+    teacher_entropy: bool = True,
 ) -> TokenStats:
     """
-    Computes student entropy, `KL(S || T)` and `KL(T || S)` for every valid completion token without building logits.
+    Computes student entropy, `KL(S || T)`, `KL(T || S)` and the teacher's entropy for every valid completion token
+    without building logits.
 
     Only the valid positions are projected, on `[token_chunk_size, vocab_chunk_size]` fp32 tiles, so peak memory is
     two such tiles plus `O(N)` accumulators whatever the sequence length and vocabulary. No gradient is recorded.
@@ -128,6 +136,9 @@ def compute_token_stats(
             Gemma-style `softcap * tanh(logits / softcap)`.
         token_chunk_size, vocab_chunk_size (`int`, *optional*):
             Tile shape; defaults are TRL's, so the pass peaks no higher than TRL's chunked loss.
+        teacher_entropy (`bool`, *optional*, defaults to `True`):
+            Whether to fold the one extra accumulator (the teacher's `E_t[z_t]`) that `TokenStats.teacher_entropy`
+            needs; with `False` that field is `None` and the pass is TRL's fold alone.
 
     Returns:
         [`TokenStats`]: `(B, C)` float32 statistics, zero at invalid positions.
@@ -150,7 +161,7 @@ def compute_token_stats(
     h_s = compact_positions(student_hidden_states.detach(), valid, "student_hidden_states")
     h_t = compact_positions(teacher_hidden_states.detach(), valid, "teacher_hidden_states")
     heads = heads.materialized(student_hidden_states, teacher_hidden_states)
-    sums = _fold_tiles(h_s, h_t, heads, token_chunk_size, vocab_chunk_size)
+    sums = _fold_tiles(h_s, h_t, heads, token_chunk_size, vocab_chunk_size, teacher_entropy)
     return _stats_from_sums(sums, valid, heads)
 
 
@@ -240,20 +251,26 @@ def compact_positions(hidden_states: torch.Tensor, keep: torch.Tensor, name: str
 
 
 def _fold_tiles(
-    h_s: torch.Tensor, h_t: torch.Tensor, heads: LMHeads, token_chunk_size: int, vocab_chunk_size: int
+    h_s: torch.Tensor,
+    h_t: torch.Tensor,
+    heads: LMHeads,
+    token_chunk_size: int,
+    vocab_chunk_size: int,
+    teacher_entropy: bool = True,
 ) -> dict[str, torch.Tensor]:
     """
     Projects the `(N, H)` hidden states through both heads on `[token_chunk_size, vocab_chunk_size]` fp32 tiles and
     folds each pair into TRL's online-logsumexp accumulators. Returns them by `fold_tile`'s argument names: the
-    running maxima and sums of both models, the student's `sum exp(z_s) z_s` and the two weighted gaps. Only the
-    rows both heads share are projected.
+    running maxima and sums of both models, the student's `sum exp(z_s) z_s` and the two weighted gaps, plus, with
+    `teacher_entropy`, the teacher's `sum exp(z_t) z_t` (`teacher_x_sum`). Only the rows both heads share are
+    projected.
     """
     device, n_tokens = h_s.device, h_s.shape[0]
     kernel_args = heads.kernel_args
-    sums = {
-        name: torch.zeros((n_tokens,), device=device, dtype=torch.float32)
-        for name in ("student_sum", "student_x_sum", "teacher_sum", "teacher_weighted_gap", "student_weighted_gap")
-    }
+    names = ["student_sum", "student_x_sum", "teacher_sum", "teacher_weighted_gap", "student_weighted_gap"]
+    if teacher_entropy:
+        names.append("teacher_x_sum")
+    sums = {name: torch.zeros((n_tokens,), device=device, dtype=torch.float32) for name in names}
     for name in ("student_max", "teacher_max"):
         sums[name] = torch.zeros((n_tokens,), device=device, dtype=torch.float32) - math.inf
     rows = min(n_tokens, token_chunk_size)
@@ -282,13 +299,16 @@ def _fold_tiles(
 
 
 def _stats_from_sums(sums: dict[str, torch.Tensor], valid: torch.Tensor, heads: LMHeads) -> TokenStats:
-    """Entropy, both KLs and the log-normalizers from the folded accumulators, scattered back to `(B, C)`."""
+    """Entropies, both KLs and the log-normalizers from the folded accumulators, scattered back to `(B, C)`."""
     s_log_z = sums["student_max"] + torch.log(sums["student_sum"])
     t_log_z = sums["teacher_max"] + torch.log(sums["teacher_sum"])
     # Rounding can leave a divergence a hair below zero; the log-divergence axis needs them non-negative.
     entropy = (s_log_z - sums["student_x_sum"] / sums["student_sum"]).clamp_(min=0.0)
     reverse_kl = (sums["student_weighted_gap"] / sums["student_sum"] - s_log_z + t_log_z).clamp_(min=0.0)
     forward_kl = (sums["teacher_weighted_gap"] / sums["teacher_sum"] - t_log_z + s_log_z).clamp_(min=0.0)
+    teacher_entropy = None
+    if "teacher_x_sum" in sums:
+        teacher_entropy = (t_log_z - sums["teacher_x_sum"] / sums["teacher_sum"]).clamp_(min=0.0)
 
     def scatter(values: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(valid.shape, device=valid.device, dtype=torch.float32)
@@ -300,6 +320,7 @@ def _stats_from_sums(sums: dict[str, torch.Tensor], valid: torch.Tensor, heads: 
         reverse_kl=scatter(reverse_kl),
         forward_kl=scatter(forward_kl),
         mask=valid,
+        teacher_entropy=None if teacher_entropy is None else scatter(teacher_entropy),
         student_log_z=scatter(s_log_z),
         teacher_log_z=scatter(t_log_z),
         projection=heads.signature,

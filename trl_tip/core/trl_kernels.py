@@ -5,11 +5,15 @@ needs three statistics from the same folds and a loss that reuses them, so it dr
 directly: `_project`, `_stats_tile` (CPU) and the Triton `_stats_kernel` (CUDA), `_compute_dtype`, the tile sizes,
 and the saved-tensor context of `ChunkedDivergenceFunction.backward`. Every such name is imported here and nowhere
 else, so a TRL upgrade touches this file only; `tests/core/test_trl_parity.py` pins each of them against trl 1.16.
+
+TRL's fold keeps no `E_t[z_t]`, which the teacher's entropy needs: `fold_teacher_x_sum` adds that one accumulator over
+the same tiles, with TRL's logit transform (`_transform` in Triton, `_torch_transform` in torch) and TRL's running max.
 """
 
 from __future__ import annotations
 
 import torch
+from transformers.utils import is_triton_available
 from trl.kernels.chunked_divergence import (
     TOKEN_CHUNK_SIZE,
     VOCAB_CHUNK_SIZE,
@@ -19,11 +23,14 @@ from trl.kernels.chunked_divergence import (
     _stats_kernel,
     _stats_tile,
 )
-from trl.kernels.chunked_logprob import _BLOCK_SIZE, _use_triton
+from trl.kernels.chunked_logprob import _BLOCK_SIZE, _jit, _torch_transform, _transform, _use_triton
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .checks import full_shape
 
+
+if is_triton_available():
+    import triton.language as tl
 
 __all__ = [
     "TOKEN_CHUNK_SIZE",
@@ -31,6 +38,7 @@ __all__ = [
     "ChunkedDivergenceFunction",
     "DivergenceFromStats",
     "compute_dtype",
+    "fold_teacher_x_sum",
     "fold_tile",
     "kernel_arguments",
     "materialize_lm_head",
@@ -61,13 +69,17 @@ def fold_tile(
     teacher_weighted_gap,
     student_weighted_gap,
     kernel_args: dict,
+    teacher_x_sum=None,
 ) -> None:
     """Folds one `[n, vocab_cols]` pair of tiles into the online-logsumexp accumulators (updated in place).
 
     On CUDA this launches TRL's Triton `_stats_kernel` (one program per token row), elsewhere its eager twin
-    `_stats_tile`; both take the same positional arguments, in this order.
+    `_stats_tile`; both take the same positional arguments, in this order. With `teacher_x_sum` (the teacher's
+    `sum exp(z_t - m_t) z_t`), [`fold_teacher_x_sum`] then folds the same teacher tile into it, using the student
+    tile, which TRL's fold has consumed, as scratch: it is left overwritten.
     """
     n, cols = student_tile.shape
+    teacher_max_before = None if teacher_x_sum is None else teacher_max.clone()
     fold = _stats_kernel[(n,)] if _use_triton(student_tile.device) else _stats_tile
     fold(
         student_tile,
@@ -85,6 +97,106 @@ def fold_tile(
         BLOCK_SIZE=_BLOCK_SIZE,
         **kernel_args,
     )
+    if teacher_x_sum is not None:
+        fold_teacher_x_sum(
+            teacher_tile, teacher_max_before, teacher_max, teacher_x_sum, kernel_args, scratch=student_tile
+        )
+
+
+def fold_teacher_x_sum(
+    teacher_tile, teacher_max_before, teacher_max, teacher_x_sum, kernel_args: dict, scratch=None
+) -> None:
+    """
+    Folds a `[n, vocab_cols]` teacher tile into `teacher_x_sum`, the teacher's `sum exp(z_t - m_t) z_t` (updated in
+    place): the teacher's twin of TRL's `s_x_sum`, so that `E_t[z_t] = teacher_x_sum / teacher_sum` and
+    `H(P_T) = log Z_t - E_t[z_t]`.
+
+    Runs after [`fold_tile`] has folded the same tile: `teacher_max` is TRL's running max after it and
+    `teacher_max_before` the one before, so the accumulator is rescaled exactly as TRL rescales `t_sum`. `z_t` is
+    TRL's transform of the tile (scale, softcap, temperature). On CUDA a Triton kernel reads the tile once; elsewhere
+    the same math runs in torch, writing `exp(z_t - m_t)` into `scratch` (an fp32 tensor of the tile's shape) when
+    given, so that no tile-sized temporary is allocated per tile.
+    """
+    n, cols = teacher_tile.shape
+    t_scale, t_softcap, inv_t = kernel_args["t_scale"], kernel_args["t_softcap"], kernel_args["inv_t"]
+    has_softcap = kernel_args["T_HAS_SOFTCAP"]
+    if _use_triton(teacher_tile.device):
+        _teacher_x_sum_kernel[(n,)](
+            teacher_tile,
+            teacher_tile.stride(0),
+            teacher_max_before,
+            teacher_max,
+            teacher_x_sum,
+            cols,
+            t_scale,
+            t_softcap,
+            inv_t,
+            T_HAS_SOFTCAP=has_softcap,
+            BLOCK_SIZE=_BLOCK_SIZE,
+        )
+        return
+    with torch.autocast(teacher_tile.device.type, enabled=False):  # `bmm` would run in bf16 under autocast
+        _teacher_x_sum_tile(
+            teacher_tile,
+            teacher_max_before,
+            teacher_max,
+            teacher_x_sum,
+            t_scale,
+            t_softcap,
+            inv_t,
+            has_softcap,
+            scratch,
+        )
+
+
+def _teacher_x_sum_tile(
+    t_tile, t_max_before, t_max, t_x_sum, t_scale, t_softcap, inv_t, T_HAS_SOFTCAP, scratch=None
+) -> None:
+    # `_teacher_x_sum_kernel` in torch, for devices without Triton: the whole tile at once. The row-wise dot products
+    # go through `bmm` (BLAS on CPU, about 3x faster there than a multiply and a sum); the caller keeps it in fp32.
+    neg_max = -t_max.unsqueeze(-1)
+    if T_HAS_SOFTCAP:
+        zt = _torch_transform(t_tile, t_scale, t_softcap, inv_t, T_HAS_SOFTCAP)
+        et = torch.add(neg_max, zt, out=scratch).exp_()
+        x_sum = torch.bmm(et.unsqueeze(1), zt.unsqueeze(2)).view(-1)
+    else:
+        # A linear transform, z_t = c * tile: sum exp(z_t - m) z_t = c * sum exp(z_t - m) tile.
+        c = t_scale * inv_t
+        et = torch.add(neg_max, t_tile, alpha=c, out=scratch).exp_()
+        x_sum = torch.bmm(et.unsqueeze(1), t_tile.unsqueeze(2)).view(-1).mul_(c)
+    t_x_sum.mul_(torch.exp(t_max_before - t_max)).add_(x_sum)
+
+
+@_jit
+def _teacher_x_sum_kernel(
+    t_ptr,
+    t_stride,
+    t_max_before_ptr,
+    t_max_ptr,
+    t_x_sum_ptr,
+    n_cols,
+    t_scale,
+    t_softcap,
+    inv_t,
+    T_HAS_SOFTCAP: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    # One program per token: `t_x_sum = t_x_sum * exp(m_before - m) + sum exp(z_t - m) z_t` over one vocabulary chunk,
+    # with TRL's running max `m` after `_stats_kernel` folded the same chunk, and TRL's `_transform`.
+    row = tl.program_id(0).to(tl.int64)
+    t_row = t_ptr + row * t_stride
+    t_m = tl.load(t_max_ptr + row)
+    acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK_SIZE):
+        offsets = start + tl.arange(0, BLOCK_SIZE)
+        mask = offsets < n_cols
+        zt = _transform(
+            tl.load(t_row + offsets, mask=mask, other=0.0).to(tl.float32), t_scale, t_softcap, inv_t, T_HAS_SOFTCAP
+        )
+        et = tl.where(mask, tl.exp(zt - t_m), 0.0)
+        acc += et * tl.where(mask, zt, 0.0)
+    rescale = tl.exp(tl.load(t_max_before_ptr + row) - t_m)
+    tl.store(t_x_sum_ptr + row, tl.load(t_x_sum_ptr + row) * rescale + tl.sum(acc, axis=0))
 
 
 def materialize_lm_head(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):

@@ -49,7 +49,10 @@ def quadrant_rows(tracker: QuadrantTracker) -> tuple[list[dict], dict[str, float
     return rows, summary
 
 
-def loss_name(beta: float) -> str:
+def loss_name(beta: float | str) -> str:
+    if isinstance(beta, str):
+        # A `beta_schedule` ("0:0,0.5:1"): piecewise over training progress.
+        return "divergence scheduled over training progress (progress:beta)"
     if beta == 1.0:
         return "reverse KL(student ‖ teacher)"
     if beta == 0.0:

@@ -38,7 +38,8 @@ def study_problems(args: StudyArguments):
     seen = {p.question for p in held_out}
     train = make_problems(args.train_problems, seed=args.problem_seed, steps=(1, 2), digits=1)
     train = [p for p in train if p.question not in seen] or train
-    return to_dataset(train).select_columns(["prompt"]), to_dataset(held_out)
+    # The answers stay for `problem_weighting="paced"`, which grades the rollouts against them.
+    return to_dataset(train).select_columns(["prompt", "answer"]), to_dataset(held_out)
 
 
 def _dataset_problems(name: str, n_train: int, n_eval: int, seed: int):
@@ -60,7 +61,7 @@ def _dataset_problems(name: str, n_train: int, n_eval: int, seed: int):
         )
     held_out = data.select(range(n_eval))
     train = data.select(range(n_eval, min(data.num_rows, n_eval + n_train)))
-    return train.select_columns(["prompt"]), held_out
+    return train.select_columns(["prompt", "answer"]), held_out
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 
+from ..core.schedules import SCHEDULE_AND_WEIGHTING_FIELDS
 from ..core.selectors import SELECTION_SCOPES, SELECTORS
 
 
@@ -19,32 +20,58 @@ DEFAULT_SEEDS = (0, 1, 2)
 # Fields that name the grid or where it goes, not how a run trains or is evaluated: a study folder's runs must share
 # every other field (see `StudyArguments.settings`).
 GRID_FIELDS = ("rules", "seeds", "output_dir", "keep_models", "threads")
+# `TIPConfig` fields a rule may set after its ratio (`soft_or:0.5+selection_ratio_schedule=adaptive`): how the kept
+# ratio, the divergence and the problems' weights move during a run. Every other knob is shared by the whole grid.
+RULE_OPTIONS = SCHEDULE_AND_WEIGHTING_FIELDS
 _RUN_ID = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 @dataclass(frozen=True)
 class Rule:
-    """One token-selection rule of the grid: a selector name and the share of each rollout's tokens it keeps."""
+    """One token-selection rule of the grid: a selector name, the share of each rollout's tokens it keeps, and any
+    schedule or weighting options (`RULE_OPTIONS`, as `TIPConfig` keyword arguments)."""
 
     name: str
     ratio: float
+    options: tuple[tuple[str, str], ...] = ()
 
     @property
     def label(self) -> str:
-        """`soft_or:0.5`, as written on the command line."""
-        return f"{self.name}:{self.ratio:g}"
+        """`soft_or:0.5` or `soft_or:0.5+selection_ratio_schedule=adaptive`, as written on the command line."""
+        return f"{self.name}:{self.ratio:g}" + "".join(f"+{key}={value}" for key, value in self.options)
 
     def run_id(self, seed: int) -> str:
         """File-name-safe id of one run, e.g. `soft_or-0.5-seed1`."""
-        return _RUN_ID.sub("_", f"{self.name}-{self.ratio:g}-seed{seed}")
+        options = "".join(f"+{key}={value}" for key, value in self.options)
+        return _RUN_ID.sub("_", f"{self.name}-{self.ratio:g}{options}-seed{seed}")
+
+    def config_options(self) -> dict:
+        """The options as `TIPConfig` keyword arguments (numbers as floats)."""
+        return {key: _number_or_text(value) for key, value in self.options}
+
+
+def _number_or_text(value: str):
+    try:
+        return float(value)
+    except ValueError:
+        return value
 
 
 def parse_rule(text) -> Rule:
-    """`name:ratio` (e.g. `soft_or:0.5`); `all` alone means `all:1.0`. Raises ValueError naming `--rules`."""
+    """`name:ratio` (e.g. `soft_or:0.5`), then any `+option=value` (`RULE_OPTIONS`, e.g.
+    `soft_or:0.5+selection_ratio_schedule=adaptive`); `all` alone means `all:1.0`. Raises ValueError naming `--rules`.
+    """
     allowed = ", ".join(STUDY_SELECTORS)
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"--rules entries must be `name:ratio` strings such as soft_or:0.5; got {text!r}.")
-    name, sep, ratio_text = text.strip().partition(":")
+    # Split at a `+` that starts an option name only, so a value such as `1e+0` stays whole.
+    head, *option_texts = re.split(r"\+(?=\s*[A-Za-z_])", text.strip())
+    options = [_parse_rule_option(option, text) for option in option_texts]
+    if len({key for key, _ in options}) != len(options):
+        raise ValueError(f"--rules: {text!r} sets an option twice.")
+    # One spelling per setting (sorted keys, `1.0` as `1`), so the same run is never listed twice under two labels.
+    options = tuple(sorted(options))
+    name, sep, ratio_text = head.partition(":")
     name = name.strip()
     if name not in STUDY_SELECTORS:
         extra = (
@@ -63,7 +90,28 @@ def parse_rule(text) -> Rule:
         raise ValueError(f"--rules: the ratio in {text!r} must be in (0, 1]; got {ratio_text.strip()!r}.")
     if name == "all" and ratio != 1.0:
         raise ValueError(f"--rules: `all` keeps every token, so its ratio is 1.0; got {text!r}. Use random:{ratio:g}.")
-    return Rule(name, ratio)
+    return Rule(name, ratio, options)
+
+
+def _parse_rule_option(option: str, text: str) -> tuple[str, str]:
+    key, sep, value = option.partition("=")
+    key, value = key.strip(), value.strip()
+    if not sep or not value:
+        raise ValueError(f"--rules: {option!r} in {text!r} must be `option=value`, e.g. +problem_weighting=paced.")
+    if key not in RULE_OPTIONS:
+        raise ValueError(
+            f"--rules: unknown option {key!r} in {text!r}; a rule may set {', '.join(RULE_OPTIONS)} (the other knobs "
+            "are the grid's own flags)."
+        )
+    if key == "beta_schedule":
+        from ..core.schedules import BetaSchedule
+
+        try:
+            return key, str(BetaSchedule.parse(value))
+        except ValueError as error:
+            raise ValueError(f"--rules: {text!r}: {error}") from None
+    number = _number_or_text(value)
+    return key, f"{number:g}" if isinstance(number, float) else value
 
 
 def parse_seeds(value) -> list[int]:
@@ -95,7 +143,9 @@ class StudyArguments:
         metadata={
             "help": "The grid's token-selection rules as name:ratio (share of each rollout's tokens kept), e.g. "
             f"`--rules all:1.0 soft_or:0.5 q3:0.1`. Names: {', '.join(STUDY_SELECTORS)}; `all` is always 1.0 and "
-            "is the baseline the summary compares against."
+            "is the baseline the summary compares against. A rule may add schedule or weighting options of "
+            "`TIPConfig` as +option=value, e.g. `soft_or:0.5+selection_ratio_schedule=adaptive` or "
+            f"`all:1.0+problem_weighting=paced` (options: {', '.join(RULE_OPTIONS)})."
         },
     )
     seeds: list[int] = field(
@@ -214,8 +264,31 @@ class StudyArguments:
             )
         if self.threads is not None:
             _positive_int("threads", self.threads)
+        # Last: a rule's options are checked with the grid's knobs, which must be valid themselves first.
+        for rule in parsed:
+            self._check_rule_options(rule)
         if not self.output_dir:
             raise ValueError("--output-dir must name a folder.")
+
+    def _check_rule_options(self, rule: Rule) -> None:
+        """A rule's options as `TIPConfig` checks them with this grid's knobs, so a bad one fails before any run."""
+        if not rule.options:
+            return
+        from ..trainer.tip_config import TIPConfig
+
+        try:
+            TIPConfig(
+                output_dir=self.output_dir,
+                token_selector=rule.name,
+                selection_ratio=rule.ratio,
+                per_device_train_batch_size=self.batch_size,
+                num_rollouts_per_prompt=self.num_rollouts_per_prompt,
+                use_cpu=True,
+                report_to="none",
+                **rule.config_options(),
+            )
+        except ValueError as error:
+            raise ValueError(f"--rules: {rule.label!r}: {error}") from None
 
     @property
     def grid(self) -> list[tuple[Rule, int]]:

@@ -3,9 +3,12 @@ run's recipe as `trl-tip train --config` YAML."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from trl.trainer.utils import get_config_model_id
+
+from ..core.schedules import SCHEDULE_AND_WEIGHTING_FIELDS
 
 
 class PublishingMixin:
@@ -44,8 +47,8 @@ class PublishingMixin:
             student=_model_label(self.model.config),
             selector=getattr(selector, "name", getattr(selector, "__name__", type(selector).__name__)),
             selector_kwargs=self.args.token_selector_kwargs,
-            ratio_text="not ratio-based" if ratio is None else f"{100 * ratio:g}% of each rollout's valid tokens",
-            beta=self.args.beta,
+            ratio_text=self._ratio_text(ratio),
+            beta=self.args.beta_schedule or self.args.beta,
             temperature=self.args.temperature,
             normalization=(
                 "the number of selected tokens" if self.args.loss_normalization == "selected" else "all valid tokens"
@@ -111,6 +114,24 @@ class PublishingMixin:
             )
         return commit
 
+    def _ratio_text(self, ratio: float | None) -> str:
+        """The kept share for the card: fixed, or the schedule that moved it and where it ended."""
+        if ratio is None:
+            return "not ratio-based"
+        args = self.args
+        schedule = args.selection_ratio_schedule
+        if schedule == "constant":
+            return f"{100 * ratio:g}% of each rollout's valid tokens"
+        if schedule == "adaptive":
+            bounds = f"between {100 * args.selection_ratio:g}% and 100%"
+            return (
+                f"adaptive (LATF) {bounds} of each rollout's valid tokens, from {100 * args.selection_ratio_start:g}%"
+            )
+        return (
+            f"{schedule} from {100 * args.selection_ratio_start:g}% to {100 * args.selection_ratio:g}% of each "
+            f"rollout's valid tokens over {100 * args.selection_ratio_decay_fraction:g}% of training"
+        )
+
     def _recipe_yaml(self) -> str:
         """The settings that define the run, as a `trl-tip train --config` YAML."""
         import yaml
@@ -142,6 +163,11 @@ class PublishingMixin:
             if value is not None:
                 # Enums (e.g. the scheduler type) are written as their plain values, as a recipe spells them.
                 recipe[name] = getattr(value, "value", value)
+        # Schedules and problem weighting only when a run uses them: a TIP run's recipe stays as short as TIP's.
+        defaults = {f.name: f.default for f in dataclasses.fields(args)}
+        for name in SCHEDULE_AND_WEIGHTING_FIELDS:
+            if getattr(args, name) != defaults[name]:
+                recipe[name] = getattr(args, name)
         teacher_config = self.accelerator.unwrap_model(self.teacher_model).config
         recipe["teacher_model_name_or_path"] = _recipe_model(
             recipe.get("teacher_model_name_or_path") or get_config_model_id(teacher_config), teacher_config

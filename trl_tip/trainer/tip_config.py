@@ -13,10 +13,19 @@ from trl import DistillationConfig
 from ..core.checks import check_choice, check_quantile, check_ratio, check_temperature
 from ..core.loss import LOSS_NORMALIZATIONS
 from ..core.quadrants import check_threshold
+from ..core.schedules import (
+    RATIO_SCHEDULES,
+    BetaSchedule,
+    check_open_unit,
+    check_paced_exponents,
+    check_ratio_schedule,
+)
 from ..core.selectors import SELECTION_SCOPES, SELECTORS, build_selector
+from ..eval.grading import ANSWER_FORMATS
 
 
 EVAL_LOSS_TOKENS = ("all", "selected")
+PROBLEM_WEIGHTINGS = ("none", "paced")
 # `selection_ratio` when unset: the ratio selectors keep half of each rollout, `quadrant` its whole quadrants.
 DEFAULT_RATIO = 0.5
 DEFAULT_QUADRANT_RATIO = 1.0
@@ -101,6 +110,56 @@ class TIPConfig(DistillationConfig):
             distillation's loss, as TRL's `DistillationTrainer` reports it, so runs with different selectors and
             ratios compare); `"selected"` the training objective (the kept tokens, normalized by
             `loss_normalization`). The training objective is logged as `eval_tip/selected_loss` either way.
+
+        > Parameters that control the schedules (the kept ratio and the divergence over training)
+
+        selection_ratio_schedule (`str`, *optional*, defaults to `"constant"`):
+            How the kept ratio moves during training: `constant` (`selection_ratio` throughout, TIP), `linear` or
+            `cosine` (from `selection_ratio_start` down to `selection_ratio` over the first
+            `selection_ratio_decay_fraction` of training) or `adaptive` (AdaKD's LATF: from `selection_ratio_start`,
+            shrunk by `adaptive_ratio_step` when the moving average of the training loss has fallen by more than
+            `adaptive_ratio_tolerance` since the last move, grown when it has risen as much, within
+            [`selection_ratio`, 1]). The ratio in force is decided at the start of each generation batch, logged as
+            `tip/selection_ratio`, and restored on resume. Not for `all`.
+        selection_ratio_start (`float`, *optional*, defaults to `1.0`):
+            Kept ratio at the start of a `linear`, `cosine` or `adaptive` schedule (1.0: every token); at least
+            `selection_ratio`.
+        selection_ratio_decay_fraction (`float`, *optional*, defaults to `1.0`):
+            Share of training over which `linear` and `cosine` reach `selection_ratio`; it stays there afterwards.
+        adaptive_ratio_ema_decay (`float`, *optional*, defaults to `0.9`):
+            `adaptive`: weight of the previous moving average of the loss (`ema = d * ema + (1 - d) * loss`), updated
+            once per generation batch with that batch's training loss.
+        adaptive_ratio_step (`float`, *optional*, defaults to `0.05`):
+            `adaptive`: relative change of the ratio per move, in (0, 1) (LATF's `sample_ratio_eps`).
+        adaptive_ratio_tolerance (`float`, *optional*, defaults to `0.05`):
+            `adaptive`: relative change of the loss average that moves the ratio, in [0, 1) (LATF's
+            `loss_ratio_eps`).
+        beta_schedule (`str`, *optional*):
+            A piecewise-constant `beta` over training progress, as `progress:beta` pairs: `"0:0.0,0.5:1.0"` is forward
+            KL for the first half and reverse KL after (PACED's two stages). It must start at progress 0; it replaces
+            `beta`, is decided at the start of each generation batch and logged as `tip/beta`.
+
+        > Parameters that control problem weighting
+
+        problem_weighting (`str`, *optional*, defaults to `"none"`):
+            `"paced"` weights each problem's rollouts by PACED's `p^paced_alpha (1 - p)^paced_beta`, `p` the share of
+            its `num_rollouts_per_prompt` (>= 2) rollouts that answer correctly (math-verify against the dataset's
+            `paced_answer_column`, as `trl-tip eval` grades, or the trainer's `reward_func`). The weights are rescaled
+            over each generation batch so that the tokens the loss's denominator counts keep their total weight, which
+            leaves the normalizer (`loss_normalization`, global over processes and accumulation steps) unchanged;
+            problems of weight 0 (all rollouts right or all wrong) leave the loss. Logged: `tip/pass_rate_*` and
+            `tip/paced_mean_weight`. Off-policy batches (`lmbda` < 1) are not weighted.
+        paced_alpha (`float`, *optional*, defaults to `1.0`):
+            PACED's exponent of the pass rate `p`.
+        paced_beta (`float`, *optional*, defaults to `1.0`):
+            PACED's exponent of `1 - p`.
+        paced_answer_column (`str`, *optional*, defaults to `"answer"`):
+            The train dataset's column holding each problem's final answer, for `paced` without a `reward_func`
+            (`"solution"` for TRL's math datasets such as `trl-lib/DeepMath-103K`; a GSM8K solution ending in
+            `#### 42` counts as 42).
+        paced_answer_format (`str`, *optional*, defaults to `"boxed"`):
+            How the answer is read from a rollout for `paced`: `"boxed"` (the last `\boxed{}`) or `"number"` (a boxed
+            number, else the last number), as `trl-tip eval --answer_format`.
 
         > Parameters that control the quadrant statistics
 
@@ -254,6 +313,101 @@ class TIPConfig(DistillationConfig):
             'selectors and ratios compare); `"selected"` the training objective (the kept tokens, normalized by '
             "`loss_normalization`). The training objective is logged as `eval_tip/selected_loss` either way.",
             "choices": list(EVAL_LOSS_TOKENS),
+        },
+    )
+
+    # Parameters that control the schedules (the kept ratio and the divergence over training)
+    selection_ratio_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "How the kept ratio moves during training: `constant` (`selection_ratio` throughout, TIP), "
+            "`linear` or `cosine` (from `selection_ratio_start` down to `selection_ratio` over the first "
+            "`selection_ratio_decay_fraction` of training) or `adaptive` (AdaKD's LATF: from `selection_ratio_start`, "
+            "shrunk by `adaptive_ratio_step` when the moving average of the training loss has fallen by more than "
+            "`adaptive_ratio_tolerance` since the last move, grown when it has risen as much, within "
+            "[`selection_ratio`, 1]). The ratio in force is decided at the start of each generation batch, logged as "
+            "`tip/selection_ratio`, and restored on resume. Not for `all`.",
+            "choices": list(RATIO_SCHEDULES),
+        },
+    )
+    selection_ratio_start: float = field(
+        default=1.0,
+        metadata={
+            "help": "Kept ratio at the start of a `linear`, `cosine` or `adaptive` schedule (1.0: every token); at "
+            "least `selection_ratio`.",
+        },
+    )
+    selection_ratio_decay_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "Share of training over which `linear` and `cosine` reach `selection_ratio`; it stays there "
+            "afterwards.",
+        },
+    )
+    adaptive_ratio_ema_decay: float = field(
+        default=0.9,
+        metadata={
+            "help": "`adaptive`: weight of the previous moving average of the loss (`ema = d * ema + (1 - d) * "
+            "loss`), updated once per generation batch with that batch's training loss.",
+        },
+    )
+    adaptive_ratio_step: float = field(
+        default=0.05,
+        metadata={"help": "`adaptive`: relative change of the ratio per move, in (0, 1) (LATF's `sample_ratio_eps`)."},
+    )
+    adaptive_ratio_tolerance: float = field(
+        default=0.05,
+        metadata={
+            "help": "`adaptive`: relative change of the loss average that moves the ratio, in [0, 1) (LATF's "
+            "`loss_ratio_eps`).",
+        },
+    )
+    beta_schedule: str | None = field(
+        default=None,
+        metadata={
+            "help": 'A piecewise-constant `beta` over training progress, as `progress:beta` pairs: `"0:0.0,0.5:1.0"` '
+            "is forward KL for the first half and reverse KL after (PACED's two stages). It must start at progress 0; "
+            "it replaces `beta`, is decided at the start of each generation batch and logged as `tip/beta`.",
+        },
+    )
+
+    # Parameters that control problem weighting
+    problem_weighting: str = field(
+        default="none",
+        metadata={
+            "help": "`\"paced\"` weights each problem's rollouts by PACED's `p^paced_alpha (1 - p)^paced_beta`, `p` "
+            "the share of its `num_rollouts_per_prompt` (>= 2) rollouts that answer correctly (math-verify against "
+            "the dataset's `paced_answer_column`, as `trl-tip eval` grades, or the trainer's `reward_func`). The "
+            "weights are rescaled over each generation batch so that the tokens the loss's denominator counts keep "
+            "their total weight, which leaves the normalizer (`loss_normalization`, global over processes and "
+            "accumulation steps) unchanged; problems of weight 0 (all rollouts right or all wrong) leave the loss. "
+            "Logged: `tip/pass_rate_*` and `tip/paced_mean_weight`. Off-policy batches (`lmbda` < 1) are not "
+            "weighted.",
+            "choices": list(PROBLEM_WEIGHTINGS),
+        },
+    )
+    paced_alpha: float = field(
+        default=1.0,
+        metadata={"help": "PACED's exponent of the pass rate `p`."},
+    )
+    paced_beta: float = field(
+        default=1.0,
+        metadata={"help": "PACED's exponent of `1 - p`."},
+    )
+    paced_answer_column: str = field(
+        default="answer",
+        metadata={
+            "help": "The train dataset's column holding each problem's final answer, for `paced` without a "
+            '`reward_func` (`"solution"` for TRL\'s math datasets such as `trl-lib/DeepMath-103K`; a GSM8K '
+            "solution ending in `#### 42` counts as 42).",
+        },
+    )
+    paced_answer_format: str = field(
+        default="boxed",
+        metadata={
+            "help": 'How the answer is read from a rollout for `paced`: `"boxed"` (the last `\\boxed{}`) or '
+            '`"number"` (a boxed number, else the last number), as `trl-tip eval --answer_format`.',
+            "choices": list(ANSWER_FORMATS),
         },
     )
 
@@ -412,6 +566,16 @@ class TIPConfig(DistillationConfig):
                 "Start the server with `trl vllm-serve --enforce_eager true` and set `vllm_enforce_eager=False`, or "
                 'use `vllm_mode="colocate"`, the one mode this field applies to.'
             )
+        self._check_schedules()
+        check_choice("problem_weighting", self.problem_weighting, PROBLEM_WEIGHTINGS)
+        self.paced_alpha, self.paced_beta = check_paced_exponents(self.paced_alpha, self.paced_beta)
+        check_choice("paced_answer_format", self.paced_answer_format, ANSWER_FORMATS)
+        if self.problem_weighting == "paced" and self.num_rollouts_per_prompt < 2:
+            raise ValueError(
+                f'`problem_weighting="paced"` weights a problem by the share of its rollouts that are correct, so it '
+                f"needs `num_rollouts_per_prompt` >= 2; got {self.num_rollouts_per_prompt}. Set e.g. "
+                '`num_rollouts_per_prompt=4`, or `problem_weighting="none"`.'
+            )
         if isinstance(self.lmbda, bool) or not isinstance(self.lmbda, (int, float)) or not 0.0 <= self.lmbda <= 1.0:
             raise ValueError(f"`lmbda` must be a number in [0, 1]; got {self.lmbda!r}.")
         # Build once so a bad selector argument fails at configuration time, naming the field.
@@ -446,6 +610,30 @@ class TIPConfig(DistillationConfig):
             )
         except ValueError as error:
             raise ValueError(f"Invalid benchmark settings (`benchmark_*` fields): {error}") from error
+
+    def _check_schedules(self) -> None:
+        check_ratio_schedule(
+            self.selection_ratio_schedule,
+            self.selection_ratio_start,
+            self.selection_ratio,
+            self.selection_ratio_decay_fraction,
+        )
+        if self.selection_ratio_schedule != "constant" and self.token_selector == "all":
+            raise ValueError(
+                f'`selection_ratio_schedule="{self.selection_ratio_schedule}"` has nothing to move with '
+                '`token_selector="all"`, which keeps every token. Pick a ratio selector (e.g. '
+                '`token_selector="divergence_topk"`, LATF\'s scoring) or `selection_ratio_schedule="constant"`.'
+            )
+        check_open_unit("adaptive_ratio_ema_decay", self.adaptive_ratio_ema_decay, low_closed=True)
+        check_open_unit("adaptive_ratio_step", self.adaptive_ratio_step)
+        check_open_unit("adaptive_ratio_tolerance", self.adaptive_ratio_tolerance, low_closed=True)
+        if self.beta_schedule is not None:
+            self.beta_schedule = str(BetaSchedule.parse(self.beta_schedule))
+
+    @property
+    def beta_schedule_value(self) -> BetaSchedule | None:
+        """The parsed `beta_schedule`, or `None` for a constant `beta`."""
+        return None if self.beta_schedule is None else BetaSchedule.parse(self.beta_schedule)
 
     @property
     def quadrant_threshold_values(self) -> tuple[float | str, float | str]:

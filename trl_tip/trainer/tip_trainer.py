@@ -19,17 +19,27 @@ from ..utils.vllm_compat import apply_cpu_weight_sync_fix, vllm_engine_options
 from .benchmark_callback import BenchmarkCallback, evaluate_benchmarks
 from .head_rows import check_head_rows, trl_sees_equal_vocab_sizes, vocab_sizes
 from .loss_routing import check_routed, routed_to
+from .problem_weighting import ROLLOUT_WEIGHTS_KEY, ProblemWeightingMixin, check_problem_weighting
 from .publishing import PublishingMixin
 from .rollouts import RolloutMixin
+from .schedules import ScheduleMixin
 from .tip_config import TIPConfig, check_rollouts_divide_generation_batch
 
 
 TIP_STATS_DIR = "tip_stats"
 # Per-step metrics that go to the loggers; `tip_stats/` keeps every statistic.
-LOGGED_METRICS = ("selected_fraction", "entropy", "reverse_kl", "forward_kl", "quadrant_share/", "selected_share/")
+LOGGED_METRICS = (
+    "selected_fraction",
+    "entropy",
+    "reverse_kl",
+    "forward_kl",
+    "teacher_entropy",
+    "quadrant_share/",
+    "selected_share/",
+)
 
 
-class TIPGKDTrainer(RolloutMixin, PublishingMixin, DistillationTrainer):
+class TIPGKDTrainer(RolloutMixin, ScheduleMixin, ProblemWeightingMixin, PublishingMixin, DistillationTrainer):
     """
     On-policy distillation with token importance (TIP): TRL's [`~trl.DistillationTrainer`] whose loss covers only the
     completion tokens a [`~trl_tip.TokenSelector`] keeps.
@@ -85,6 +95,11 @@ class TIPGKDTrainer(RolloutMixin, PublishingMixin, DistillationTrainer):
         token_selector (`str`, `dict`, [`~trl_tip.TokenSelector`] or callable, *optional*):
             Overrides `args.token_selector`: a registry name, a `{"name": ..., **kwargs}` dict, a selector object or
             any callable `fn(stats, generator) -> mask | (mask, weights)`.
+        reward_func (callable, *optional*):
+            Grades rollouts for `problem_weighting="paced"` instead of math-verify against the `answer` column: a TRL
+            reward function `fn(prompts, completions, completion_ids, **columns) -> list[float]` (the dataset's other
+            columns as keyword lists, as in `GRPOTrainer`), returning 1.0 for a correct rollout and 0.0 otherwise
+            (values in between count as partial credit in the pass rate).
     """
 
     _tag_names = ["trl", "distillation", "trl-tip", "tip"]
@@ -104,6 +119,7 @@ class TIPGKDTrainer(RolloutMixin, PublishingMixin, DistillationTrainer):
         peft_config=None,
         tools: list[Callable] | None = None,
         token_selector: Any = None,
+        reward_func: Callable | None = None,
     ):
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
@@ -133,6 +149,8 @@ class TIPGKDTrainer(RolloutMixin, PublishingMixin, DistillationTrainer):
                     f"`lmbda`={args.lmbda} trains on the dataset's own completions part of the time, so the train "
                     f"dataset needs a `completion` column (prompt/completion format); it has {columns}."
                 )
+        check_problem_weighting(args, train_dataset, reward_func)
+        self.reward_func = reward_func
         self.token_selector = build_selector(token_selector) if token_selector is not None else args.build_selector()
 
         engine_options = {}
@@ -168,6 +186,8 @@ class TIPGKDTrainer(RolloutMixin, PublishingMixin, DistillationTrainer):
         # and ZeRO-3, so all ranks must take the same branch.
         self._policy_rng = random.Random(self.selection_seed)
         self._last_selection = None
+        self._rollout_weights = None
+        self._init_schedules()
         entropy_threshold, divergence_threshold = args.quadrant_threshold_values
         self.quadrant_tracker = QuadrantTracker(entropy_threshold, divergence_threshold)
         rollouts = args.num_rollouts_per_prompt
@@ -186,6 +206,8 @@ class TIPGKDTrainer(RolloutMixin, PublishingMixin, DistillationTrainer):
     # Rollouts: GKD's lmbda mixes on-policy student rollouts with the dataset's own completions.
 
     def _generate_and_score_completions(self, inputs):
+        if self.model.training:
+            self._apply_schedules()
         off_policy = self._draw_off_policy(inputs)
         try:
             output = super()._generate_and_score_completions(inputs)
@@ -193,6 +215,8 @@ class TIPGKDTrainer(RolloutMixin, PublishingMixin, DistillationTrainer):
             self._dataset_examples = None
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["tip/on_policy"].append(0.0 if off_policy else 1.0)
+        if self.args.problem_weighting == "paced" and self.model.training and not off_policy:
+            self._add_rollout_weights(inputs, output)
         if self._count_follows_from_masks:
             # Ratio selectors keep a count that follows from the masks alone, so the global normalizer of the whole
             # generation batch (all accumulation steps, all ranks) is known before any statistics are computed.
@@ -211,10 +235,16 @@ class TIPGKDTrainer(RolloutMixin, PublishingMixin, DistillationTrainer):
         if self.args.loss_normalization == "selected" and inputs.get("num_selected_in_batch") is not None:
             # TRL's compute_loss turns inputs["num_items_in_batch"] into the per-process denominator.
             inputs = {**inputs, "num_items_in_batch": inputs["num_selected_in_batch"]}
-        with routed_to(self._tip_divergence_loss) as route:
-            output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self._rollout_weights = inputs.get(ROLLOUT_WEIGHTS_KEY)
+        try:
+            with routed_to(self._tip_divergence_loss) as route:
+                output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            self._rollout_weights = None
         check_routed(route, "training" if self.model.training else "evaluation")
         self._record_selection()
+        if self.model.training:
+            self._record_training_loss(output[0] if return_outputs else output)
         return output
 
     def _tip_divergence_loss(
@@ -247,10 +277,11 @@ class TIPGKDTrainer(RolloutMixin, PublishingMixin, DistillationTrainer):
                 num_items_in_batch = self._estimated_selected_count(selection.mask)
         projection = (student_hidden_states, teacher_hidden_states, student_lm_head_weight, teacher_lm_head_weight)
         options = {"beta": beta, "temperature": temperature, "valid_mask": stats.mask, "stats": stats, **head_kwargs}
+        loss_mask, token_weights = self._weighted_by_problem(selection.mask, selection.weights)
         loss, _, _ = masked_gjsd_loss(
             *projection,
-            selection.mask,
-            token_weights=selection.weights,
+            loss_mask,
+            token_weights=token_weights,
             normalization=self.args.loss_normalization,
             num_items_in_batch=num_items_in_batch,
             **options,
@@ -263,8 +294,19 @@ class TIPGKDTrainer(RolloutMixin, PublishingMixin, DistillationTrainer):
                 # `eval_loss` is plain on-policy distillation's loss (every valid token, over their count): the same
                 # quantity whatever the selector and ratio, and TRL's `DistillationTrainer` reports it too.
                 loss, _, _ = masked_gjsd_loss(*projection, stats.mask, normalization="all", **options)
-        self._last_selection = (stats, selection.mask, selected_loss)
+        self._last_selection = (stats, loss_mask, selected_loss)
         return loss, stats.entropy.sum(), stats.mask.sum()
+
+    def _weighted_by_problem(self, keep: torch.Tensor, weights: torch.Tensor | None):
+        """The loss's tokens and weights under PACED: each rollout's kept tokens times its problem weight; rollouts of
+        weight 0 leave the mask, so they cost no loss compute (their tokens still count in the normalizer, which the
+        weights' rescaling accounts for: `paced_weights`)."""
+        if self._rollout_weights is None:
+            return keep, weights
+        per_token = self._rollout_weights.to(keep.device, torch.float32).unsqueeze(-1).expand(keep.shape)
+        if weights is not None:
+            per_token = per_token * weights
+        return keep & (per_token > 0), per_token
 
     @property
     def _count_follows_from_masks(self) -> bool:
@@ -326,6 +368,7 @@ class TIPGKDTrainer(RolloutMixin, PublishingMixin, DistillationTrainer):
 
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
+        self._save_schedule_state(output_dir)
         state = {"selection": self._selection_generator.get_state(), "policy": self._policy_rng.getstate()}
         torch.save(state, os.path.join(output_dir, f"tip_rng_state_{self.accelerator.process_index}.pt"))
 
@@ -334,6 +377,7 @@ class TIPGKDTrainer(RolloutMixin, PublishingMixin, DistillationTrainer):
         if checkpoint is None:
             return
         path = os.path.join(checkpoint, f"tip_rng_state_{self.accelerator.process_index}.pt")
+        self._load_schedule_state(checkpoint)
         if os.path.isfile(path):
             state = torch.load(path, weights_only=False)
             self._selection_generator.set_state(state["selection"])

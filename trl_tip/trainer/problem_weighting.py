@@ -1,0 +1,123 @@
+"""PACED's problem weighting in `TIPGKDTrainer`: each problem's rollouts weighted by the student's pass rate on it.
+
+The pass rate of a problem is the share of its rollouts in the generation batch whose answer is right: graded with
+`trl-tip eval`'s math-verify check against the dataset's answer column (`paced_answer_column`), or by a TRL reward
+function. Rollouts of one problem may sit on several processes, so correctness is gathered and grouped by problem
+before the weights are set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from accelerate.utils import gather_object
+from trl.data_utils import is_conversational
+
+from ..core.schedules import group_pass_rates, paced_weights
+from ..core.selectors import kept_per_sequence
+from ..eval.grading import grade, gsm8k_reference
+
+
+ROLLOUT_WEIGHTS_KEY = "rollout_weights"
+
+
+def check_problem_weighting(args, train_dataset, reward_func: Callable | None) -> None:
+    """Raises ValueError at construction when `problem_weighting="paced"` has no way to grade a rollout."""
+    if args.problem_weighting != "paced":
+        if reward_func is not None:
+            raise ValueError(
+                '`reward_func` grades rollouts for `problem_weighting="paced"` only; it would be ignored with '
+                f'`problem_weighting="{args.problem_weighting}"`. Set `problem_weighting="paced"` or drop it.'
+            )
+        return
+    if reward_func is not None:
+        if not callable(reward_func):
+            raise TypeError(f"`reward_func` must be callable (TRL's reward-function signature); got {reward_func!r}.")
+        return
+    columns = getattr(train_dataset, "column_names", None)
+    answer = args.paced_answer_column
+    if columns is not None and answer not in columns:
+        raise ValueError(
+            f'`problem_weighting="paced"` grades each rollout against the train dataset\'s `{answer}` column '
+            f"(`paced_answer_column`), which it lacks (columns: {columns}). Set `paced_answer_column` to the column "
+            "holding the final answer, or pass `reward_func=`, a TRL reward function `fn(prompts, completions, "
+            "completion_ids, **columns) -> list[float]` returning 1.0 for a correct rollout and 0.0 otherwise."
+        )
+
+
+class ProblemWeightingMixin:
+    """PACED weights of [`TIPGKDTrainer`]; a mixin over TRL's `DistillationTrainer`."""
+
+    reward_func: Callable | None = None
+
+    def _grade_rollouts(self, inputs: list[dict], output: dict) -> list[float]:
+        """Each local rollout's correctness in [0, 1]."""
+        completion_ids = [
+            ids[mask.bool()].tolist() for ids, mask in zip(output["completion_ids"], output["completion_mask"])
+        ]
+        texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+        if self.reward_func is None:
+            answer, answer_format = self.args.paced_answer_column, self.args.paced_answer_format
+            return [float(grade(text, _reference(x[answer]), answer_format).correct) for text, x in zip(texts, inputs)]
+        prompts = [x["prompt"] for x in inputs]
+        completions = (
+            [[{"role": "assistant", "content": text}] for text in texts] if is_conversational(inputs[0]) else texts
+        )
+        columns = {key: [x[key] for x in inputs] for key in inputs[0] if key not in ("prompt", "completion")}
+        rewards = self.reward_func(
+            prompts=prompts,
+            completions=completions,
+            completion_ids=completion_ids,
+            trainer_state=self.state,
+            **columns,
+        )
+        rewards = [float(r) for r in rewards]
+        if len(rewards) != len(texts) or any(not 0.0 <= r <= 1.0 for r in rewards):
+            raise ValueError(
+                f"`reward_func` must return one reward in [0, 1] per completion (1.0 correct, 0.0 wrong) for PACED's "
+                f"pass rate; got {rewards} for {len(texts)} completions."
+            )
+        return rewards
+
+    def _normalizer_share(self, loss_mask):
+        """Each rollout's tokens in the loss's denominator: its kept count when `loss_normalization="selected"` and
+        the selector's count follows from the masks, else its valid tokens. The weights keep these counts' total, so
+        the weighted loss is a per-token average of exactly the tokens the normalizer counts."""
+        if self.args.loss_normalization == "selected" and self._count_follows_from_masks:
+            return kept_per_sequence(loss_mask, self.token_selector.ratio)
+        return loss_mask.sum(dim=1)
+
+    def _add_rollout_weights(self, inputs: list[dict], output: dict) -> None:
+        """Sets `output["rollout_weights"]` (this process's rollouts) and logs the pass rates and the mean weight."""
+        correct = self._grade_rollouts(inputs, output)
+        keys = [repr((x["prompt"], x.get(self.args.paced_answer_column))) for x in inputs]
+        loss_mask = (
+            output["completion_mask"] * output["tool_mask"] if "tool_mask" in output else output["completion_mask"]
+        )
+        tokens = self._normalizer_share(loss_mask).tolist()
+        # Every process needs the whole generation batch: a problem's rollouts may sit on several processes.
+        rows = gather_object([(self.accelerator.process_index, k, c, n) for k, c, n in zip(keys, correct, tokens)])
+        pass_rates = group_pass_rates([row[1] for row in rows], [row[2] for row in rows])
+        weights = paced_weights(
+            torch.tensor(pass_rates),
+            torch.tensor([row[3] for row in rows], dtype=torch.float64),
+            self.args.paced_alpha,
+            self.args.paced_beta,
+        )
+        rank = self.accelerator.process_index
+        local = torch.stack([w for w, row in zip(weights, rows) if row[0] == rank])
+        output[ROLLOUT_WEIGHTS_KEY] = local.to(self.accelerator.device)
+        metrics = self._metrics["train"]
+        problem_rates = torch.tensor(list(dict(zip((row[1] for row in rows), pass_rates)).values()))
+        metrics["tip/pass_rate_mean"].append(problem_rates.mean().item())
+        metrics["tip/pass_rate_zero_share"].append((problem_rates == 0).float().mean().item())
+        metrics["tip/pass_rate_one_share"].append((problem_rates == 1).float().mean().item())
+        metrics["tip/paced_mean_weight"].append(weights.mean().item())
+        metrics["tip/paced_weighted_share"].append((weights > 0).float().mean().item())
+
+
+def _reference(answer) -> str:
+    """The bare final answer of an `answer` cell: a number, a LaTeX answer, or a GSM8K solution ending `#### 42`."""
+    text = str(answer)
+    return gsm8k_reference(text) if "####" in text else text

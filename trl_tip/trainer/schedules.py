@@ -1,0 +1,115 @@
+"""The kept-ratio and `beta` schedules of `TIPGKDTrainer`: evaluated at the start of each generation batch, logged,
+and saved beside every checkpoint so a resumed run moves on exactly as the uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from ..core.schedules import AdaptiveRatio, scheduled_ratio, training_progress
+
+
+SCHEDULE_STATE_FILE = "tip_schedule_state.json"
+
+
+class ScheduleMixin:
+    """Schedules of [`TIPGKDTrainer`]; a mixin over TRL's `DistillationTrainer`.
+
+    The ratio and `beta` in force change only when a generation batch starts: every micro-batch of an optimizer step
+    (all accumulation steps, all processes) then trains with the same ratio, so the global selected-token normalizer
+    computed at generation time stays exact, and one beta covers the whole step.
+    """
+
+    def _init_schedules(self) -> None:
+        args = self.args
+        self._beta_schedule = args.beta_schedule_value
+        self._adaptive_ratio = None
+        self._adaptive_loss_sum = 0.0
+        self._adaptive_loss_count = 0
+        if args.selection_ratio_schedule == "constant":
+            return
+        if not isinstance(getattr(self.token_selector, "ratio", None), float):
+            raise ValueError(
+                f'`selection_ratio_schedule="{args.selection_ratio_schedule}"` sets the `ratio` of the token '
+                f"selector at each generation batch, but {self.token_selector!r} has no float `ratio`. Use a "
+                'registry selector (`token_selector=` a name) or `selection_ratio_schedule="constant"`.'
+            )
+        if args.selection_ratio_schedule == "adaptive":
+            self._adaptive_ratio = AdaptiveRatio(
+                ratio=args.selection_ratio_start,
+                floor=args.selection_ratio,
+                ema_decay=args.adaptive_ratio_ema_decay,
+                step=args.adaptive_ratio_step,
+                tolerance=args.adaptive_ratio_tolerance,
+            )
+
+    def _apply_schedules(self) -> None:
+        """Sets the ratio and beta of the generation batch about to be generated (training only)."""
+        args = self.args
+        progress = training_progress(self.state.global_step, self.state.max_steps)
+        if args.selection_ratio_schedule != "constant":
+            if self._adaptive_ratio is not None:
+                self._update_adaptive_ratio()
+                ratio = self._adaptive_ratio.ratio
+            else:
+                ratio = scheduled_ratio(
+                    args.selection_ratio_schedule,
+                    progress,
+                    args.selection_ratio_start,
+                    args.selection_ratio,
+                    args.selection_ratio_decay_fraction,
+                )
+            self.token_selector.ratio = float(ratio)
+        if self._beta_schedule is not None:
+            self.beta = self._beta_schedule(progress)
+        metrics = self._metrics["train"]
+        metrics["tip/selection_ratio"].append(float(getattr(self.token_selector, "ratio", 1.0)))
+        metrics["tip/beta"].append(float(self.beta))
+
+    def _record_training_loss(self, loss: torch.Tensor) -> None:
+        """Adds a training micro-batch's loss to the adaptive schedule's next update."""
+        if self._adaptive_ratio is not None:
+            self._adaptive_loss_sum += float(loss.detach())
+            self._adaptive_loss_count += 1
+
+    def _update_adaptive_ratio(self) -> None:
+        """Feeds the last generation batch's loss to the adaptive controller: the micro-batch losses of this process
+        summed (each is already divided by the global normalizer's share), averaged over processes, so every process
+        sees the same value and keeps the same ratio."""
+        if self._adaptive_loss_count == 0:
+            return
+        total = torch.tensor(self._adaptive_loss_sum, dtype=torch.float32, device=self.accelerator.device)
+        loss = self.accelerator.reduce(total, reduction="mean")
+        self._adaptive_loss_sum, self._adaptive_loss_count = 0.0, 0
+        self._adaptive_ratio.update(float(loss))
+
+    def _schedule_state(self) -> dict:
+        return {
+            "adaptive_ratio": None if self._adaptive_ratio is None else self._adaptive_ratio.state_dict(),
+            "adaptive_loss_sum": self._adaptive_loss_sum,
+            "adaptive_loss_count": self._adaptive_loss_count,
+            "selection_ratio": getattr(self.token_selector, "ratio", None),
+            "beta": self.beta,
+        }
+
+    def _save_schedule_state(self, output_dir: str) -> None:
+        if self.accelerator.is_main_process:
+            with open(os.path.join(output_dir, SCHEDULE_STATE_FILE), "w") as f:
+                json.dump(self._schedule_state(), f, indent=2)
+
+    def _load_schedule_state(self, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, SCHEDULE_STATE_FILE)
+        if not os.path.isfile(path):
+            return
+        with open(path) as f:
+            state = json.load(f)
+        if self._adaptive_ratio is not None and state["adaptive_ratio"] is not None:
+            self._adaptive_ratio = AdaptiveRatio.from_state_dict(state["adaptive_ratio"])
+            self._adaptive_loss_sum = state["adaptive_loss_sum"]
+            self._adaptive_loss_count = state["adaptive_loss_count"]
+        if self.args.selection_ratio_schedule != "constant" and state["selection_ratio"] is not None:
+            self.token_selector.ratio = float(state["selection_ratio"])
+        if self._beta_schedule is not None:
+            self.beta = float(state["beta"])
