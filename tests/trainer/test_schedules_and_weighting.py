@@ -109,7 +109,10 @@ def latf_ratios(losses, start, floor, decay, step, tolerance):
     return ratios
 
 
-def test_adaptive_ratio_follows_latf_on_the_logged_losses(tokenizer, tmp_path):
+@pytest.mark.parametrize("loss_normalization", ["selected", "all"])
+def test_adaptive_ratio_follows_latf_on_the_mean_divergence_of_the_kept_tokens(
+    loss_normalization, tokenizer, tmp_path
+):
     latf = {"adaptive_ratio_ema_decay": 0.5, "adaptive_ratio_step": 0.2, "adaptive_ratio_tolerance": 0.01}
     trainer = make_trainer(
         tokenizer,
@@ -117,13 +120,18 @@ def test_adaptive_ratio_follows_latf_on_the_logged_losses(tokenizer, tmp_path):
         token_selector="divergence_topk",
         selection_ratio=0.1,
         selection_ratio_schedule="adaptive",
+        loss_normalization=loss_normalization,
         max_steps=6,
         **latf,
     )
     trainer.train()
     logs = step_logs(trainer)
-    losses = [log["loss"] for log in logs]
-    expected = latf_ratios(losses, 1.0, 0.1, 0.5, 0.2, 0.01)
+    rows = trainer.quadrant_tracker.step_rows()
+    # LATF follows the mean divergence over the kept tokens, whatever the loss is divided by: the logged loss with
+    # `selected`, the logged loss x valid / kept tokens with `all` (whose loss would fall with the ratio itself).
+    scale = [1.0 if loss_normalization == "selected" else row["num_tokens"] / row["num_selected"] for row in rows]
+    means = [log["loss"] * k for log, k in zip(logs, scale)]
+    expected = latf_ratios(means, 1.0, 0.1, 0.5, 0.2, 0.01)
     assert [log["tip/selection_ratio"] for log in logs] == pytest.approx(expected, rel=1e-6)
     assert min(expected) < 1.0, "the run is long enough for the ratio to move"
 

@@ -27,7 +27,7 @@ class ScheduleMixin:
         self._beta_schedule = args.beta_schedule_value
         self._adaptive_ratio = None
         self._adaptive_loss_sum = 0.0
-        self._adaptive_loss_count = 0
+        self._adaptive_loss_count = 0.0
         if args.selection_ratio_schedule == "constant":
             return
         if not isinstance(getattr(self.token_selector, "ratio", None), float):
@@ -68,22 +68,25 @@ class ScheduleMixin:
         metrics["tip/selection_ratio"].append(float(getattr(self.token_selector, "ratio", 1.0)))
         metrics["tip/beta"].append(float(self.beta))
 
-    def _record_training_loss(self, loss: torch.Tensor) -> None:
-        """Adds a training micro-batch's loss to the adaptive schedule's next update."""
-        if self._adaptive_ratio is not None:
-            self._adaptive_loss_sum += float(loss.detach())
-            self._adaptive_loss_count += 1
+    def _record_training_loss(self, divergence_sum: torch.Tensor, weight: torch.Tensor) -> None:
+        """Adds a training micro-batch's summed divergence over its kept tokens (weighted, under PACED) and their
+        count (or total weight) to the adaptive schedule's next update."""
+        self._adaptive_loss_sum += float(divergence_sum)
+        self._adaptive_loss_count += float(weight)
 
     def _update_adaptive_ratio(self) -> None:
-        """Feeds the last generation batch's loss to the adaptive controller: the micro-batch losses of this process
-        summed (each is already divided by the global normalizer's share), averaged over processes, so every process
-        sees the same value and keeps the same ratio."""
-        if self._adaptive_loss_count == 0:
-            return
-        total = torch.tensor(self._adaptive_loss_sum, dtype=torch.float32, device=self.accelerator.device)
-        loss = self.accelerator.reduce(total, reduction="mean")
-        self._adaptive_loss_sum, self._adaptive_loss_count = 0.0, 0
-        self._adaptive_ratio.update(float(loss))
+        """Feeds the last generation batch's loss to the adaptive controller: the mean divergence over every kept
+        token of the batch (all accumulation steps, all processes), LATF's loss over the selected tokens. It is the
+        same on every process, so every process keeps the same ratio, and it does not depend on
+        `loss_normalization` (an average over all valid tokens would fall with the ratio itself and drive it down).
+        A batch that kept nothing (every PACED weight 0) leaves the average as it is."""
+        totals = torch.tensor(
+            [self._adaptive_loss_sum, self._adaptive_loss_count], dtype=torch.float64, device=self.accelerator.device
+        )
+        divergence, weight = self.accelerator.reduce(totals, reduction="sum").tolist()
+        self._adaptive_loss_sum, self._adaptive_loss_count = 0.0, 0.0
+        if weight > 0:
+            self._adaptive_ratio.update(divergence / weight)
 
     def _schedule_state(self) -> dict:
         return {

@@ -243,8 +243,6 @@ class TIPGKDTrainer(RolloutMixin, ScheduleMixin, ProblemWeightingMixin, Publishi
             self._rollout_weights = None
         check_routed(route, "training" if self.model.training else "evaluation")
         self._record_selection()
-        if self.model.training:
-            self._record_training_loss(output[0] if return_outputs else output)
         return output
 
     def _tip_divergence_loss(
@@ -278,7 +276,7 @@ class TIPGKDTrainer(RolloutMixin, ScheduleMixin, ProblemWeightingMixin, Publishi
         projection = (student_hidden_states, teacher_hidden_states, student_lm_head_weight, teacher_lm_head_weight)
         options = {"beta": beta, "temperature": temperature, "valid_mask": stats.mask, "stats": stats, **head_kwargs}
         loss_mask, token_weights = self._weighted_by_problem(selection.mask, selection.weights)
-        loss, _, _ = masked_gjsd_loss(
+        loss, divergence_sum, _ = masked_gjsd_loss(
             *projection,
             loss_mask,
             token_weights=token_weights,
@@ -286,6 +284,9 @@ class TIPGKDTrainer(RolloutMixin, ScheduleMixin, ProblemWeightingMixin, Publishi
             num_items_in_batch=num_items_in_batch,
             **options,
         )
+        if training and self._adaptive_ratio is not None:
+            weight = loss_mask.sum() if token_weights is None else token_weights[loss_mask.bool()].sum()
+            self._record_training_loss(divergence_sum, weight)
         selected_loss = None
         if not training:
             # The training objective on this batch, logged as `eval_tip/selected_loss`.
