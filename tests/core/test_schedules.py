@@ -81,17 +81,19 @@ def test_scheduled_ratio_refuses_other_schedules(schedule):
 # training_progress: step / max_steps, in [0, 1].
 
 
-def test_training_progress_is_the_share_of_steps_done_clipped_to_the_unit_interval():
-    assert training_progress(0, 10) == 0.0
-    assert training_progress(5, 10) == 0.5
-    assert training_progress(3, 4) == 0.75
-    assert training_progress(10, 10) == 1.0
-    assert training_progress(15, 10) == 1.0
-    assert training_progress(-3, 10) == 0.0
+def test_training_progress_goes_from_zero_at_the_first_step_to_one_at_the_last():
+    # Steps are 0-based: of 11 steps, step 0 is the first (0) and step 10 the last (1), so a schedule ends on its
+    # final value at the last step that trains.
+    assert training_progress(0, 11) == 0.0
+    assert training_progress(5, 11) == 0.5
+    assert training_progress(3, 5) == 0.75
+    assert training_progress(10, 11) == 1.0
+    assert training_progress(15, 11) == 1.0
+    assert training_progress(-3, 11) == 0.0
 
 
-@pytest.mark.parametrize("max_steps", [0, -1])
-def test_training_progress_without_a_step_budget_is_zero(max_steps):
+@pytest.mark.parametrize("max_steps", [1, 0, -1])
+def test_training_progress_of_a_single_step_or_without_a_step_budget_is_zero(max_steps):
     assert training_progress(7, max_steps) == 0.0
 
 
@@ -400,3 +402,13 @@ def test_paced_exponents_must_be_finite_and_non_negative_naming_the_field(alpha,
 def test_paced_exponents_are_returned_as_floats():
     alpha, beta = check_paced_exponents(2, 0)
     assert (alpha, beta) == (2.0, 0.0) and isinstance(alpha, float) and isinstance(beta, float)
+
+
+def test_ungraded_rollouts_are_left_out_of_the_pass_rate_and_an_ungraded_problem_weighs_zero():
+    nan = math.nan
+    rates = group_pass_rates(["a", "a", "a", "b", "b"], [1.0, nan, 0.0, nan, nan])
+    assert rates[:3] == [0.5, 0.5, 0.5]  # a: one right of the two graded
+    assert math.isnan(rates[3]) and math.isnan(rates[4])  # b: none graded
+    # a's rollouts share the weight: w(1/2) = 1/4 each, rescaled so that 3 x w x 2 tokens = 10 tokens.
+    weights = paced_weights(torch.tensor(rates), torch.full((5,), 2.0))
+    torch.testing.assert_close(weights, torch.tensor([10 / 6, 10 / 6, 10 / 6, 0.0, 0.0]))

@@ -420,3 +420,12 @@ def test_held_out_kls_match_the_demo_and_cached_teacher_states_change_nothing(ti
     assert mean_token_kls(student, teacher, tokenizer, rollouts, batch_size=2, teacher_states=states) == kls
     same = mean_token_kls(teacher, teacher, tokenizer, rollouts, batch_size=2, teacher_states=states)
     assert same["reverse_kl"] == pytest.approx(0.0, abs=1e-6) and same["forward_kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_paced_in_the_study_reads_answers_as_numbers_unless_the_rule_says_otherwise():
+    from trl_tip.study.grid import study_rule_options
+
+    assert study_rule_options(parse_rule("all:1.0+problem_weighting=paced"))["paced_answer_format"] == "number"
+    boxed = parse_rule("all:1.0+problem_weighting=paced+paced_answer_format=boxed")
+    assert study_rule_options(boxed)["paced_answer_format"] == "boxed"
+    assert "paced_answer_format" not in study_rule_options(parse_rule("soft_or:0.5+selection_ratio_schedule=linear"))

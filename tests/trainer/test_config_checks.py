@@ -248,3 +248,34 @@ def test_paced_weighting_needs_several_rollouts_per_prompt(tmp_path):
 def test_bad_problem_weighting_settings_are_refused(fields, message, tmp_path):
     with pytest.raises(ValueError, match=re.escape(message)):
         config(tmp_path, **fields)
+
+
+@pytest.mark.parametrize(
+    "overrides, field, mode",
+    [
+        ({"selection_ratio_start": 0.8}, "selection_ratio_start", "linear"),
+        ({"selection_ratio_decay_fraction": 0.5}, "selection_ratio_decay_fraction", "linear"),
+        (
+            {"selection_ratio_schedule": "adaptive", "selection_ratio_decay_fraction": 0.5},
+            "selection_ratio_decay_fraction",
+            "linear",
+        ),
+        ({"selection_ratio_schedule": "cosine", "adaptive_ratio_step": 0.1}, "adaptive_ratio_step", "adaptive"),
+        ({"adaptive_ratio_tolerance": 0.1}, "adaptive_ratio_tolerance", "adaptive"),
+        ({"paced_alpha": 2.0}, "paced_alpha", "paced"),
+        ({"paced_answer_column": "solution"}, "paced_answer_column", "paced"),
+    ],
+)
+def test_a_field_its_mode_never_reads_is_refused_naming_the_mode(overrides, field, mode, tmp_path):
+    with pytest.raises(ValueError, match=f"`{field}`=.* has no effect here: it is read only with .*{mode}"):
+        config(tmp_path, **overrides)
+
+
+def test_beta_next_to_a_beta_schedule_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="`beta`=0.5 has no effect with `beta_schedule`"):
+        config(tmp_path, beta=0.5, beta_schedule="0:0,0.5:1")
+
+
+def test_paced_needs_the_dataset_columns_kept(tmp_path):
+    with pytest.raises(ValueError, match="`remove_unused_columns=True` drops"):
+        config(tmp_path, problem_weighting="paced", num_rollouts_per_prompt=2, remove_unused_columns=True)

@@ -47,9 +47,10 @@ def kept_count(valid_lengths, ratio):
 @pytest.mark.parametrize(
     "schedule, expected",
     [
-        # From 1.0 to 0.2 over the run: progress 0, 1/4, 1/2, 3/4 at the four steps.
-        ("linear", [1.0, 0.8, 0.6, 0.4]),
-        ("cosine", [1.0, 0.2 + 0.4 * (1 + math.sqrt(0.5)), 0.6, 0.2 + 0.4 * (1 - math.sqrt(0.5))]),
+        # From 1.0 to 0.2 over the run: progress 0, 1/3, 2/3, 1 at the four steps (the last trains at the final ratio);
+        # cosine: 0.2 + 0.4 (1 + cos(pi t)), cos(pi/3) = 1/2.
+        ("linear", [1.0, 1.0 - 0.8 / 3, 1.0 - 1.6 / 3, 0.2]),
+        ("cosine", [1.0, 0.8, 0.4, 0.2]),
         ("constant", [0.2, 0.2, 0.2, 0.2]),
     ],
 )
@@ -85,7 +86,8 @@ def test_linear_schedule_reaches_the_final_ratio_at_the_decay_fraction_and_stays
         max_steps=4,
     )
     trainer.train()
-    assert [log["tip/selection_ratio"] for log in step_logs(trainer)] == pytest.approx([1.0, 0.75, 0.5, 0.5])
+    # Progress 0, 1/3, 2/3, 1; the decay ends at progress 1/2: 1.0, 1 - 0.5 x (2/3), then 0.5.
+    assert [log["tip/selection_ratio"] for log in step_logs(trainer)] == pytest.approx([1.0, 2 / 3, 0.5, 0.5])
     # The model card names the schedule, not the ratio it ended at, and its recipe repeats the run.
     trainer.create_model_card()
     card = (tmp_path / "README.md").read_text()
@@ -334,5 +336,91 @@ def test_a_reward_outside_zero_one_fails_naming_the_reward_function(tokenizer, t
         num_rollouts_per_prompt=2,
         max_steps=1,
     )
-    with pytest.raises(ValueError, match=r"`reward_func` must return one reward in \[0, 1\] per completion"):
+    with pytest.raises(
+        ValueError, match=r"`reward_func` must return one reward in \[0, 1\] \(1.0 correct, 0.0 wrong\) or None"
+    ):
         trainer.train()
+
+
+def test_a_trl_reward_function_is_called_as_grpo_calls_it_and_its_none_is_left_out(tokenizer, tmp_path, caplog):
+    calls = []
+
+    def reward(completions, log_metric, log_extra, trainer_state, answer, **kwargs):
+        # GRPO's keywords: `log_metric` / `log_extra` callables, the trainer state, the other columns by name.
+        calls.append(kwargs)
+        log_metric("graded", 0.0)
+        return [None] * len(completions)  # TRL's "cannot grade" (accuracy_reward on an unparsable answer)
+
+    trainer = make_trainer(
+        tokenizer,
+        tmp_path,
+        dataset=tiny_math_dataset(4, with_answers=True),
+        reward_func=reward,
+        problem_weighting="paced",
+        num_rollouts_per_prompt=2,
+        max_steps=1,
+    )
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert "completion_ids" in calls[0] and "prompts" in calls[0]
+    log = step_logs(trainer)[0]
+    assert log["paced/graded"] == 0.0
+    assert log["tip/paced_weighted_share"] == 0.0, "problems none of whose rollouts could be graded weigh 0"
+    assert torch.equal(trainer._buffered_inputs[0]["rollout_weights"], torch.zeros(4))
+    assert "trains on nothing" in caplog.text and "`paced_answer_format`" in caplog.text
+
+
+def test_reward_function_settings_that_would_be_ignored_are_refused(tokenizer, tmp_path):
+    paced = {"problem_weighting": "paced", "num_rollouts_per_prompt": 2}
+    with pytest.raises(ValueError, match="`paced_answer_column`='solution' has no effect with `reward_func`"):
+        make_trainer(tokenizer, tmp_path, reward_func=lambda **kwargs: [], paced_answer_column="solution", **paced)
+
+    async def graded_later(**kwargs):
+        return []
+
+    with pytest.raises(TypeError, match="`reward_func` is an async function"):
+        make_trainer(tokenizer, tmp_path, reward_func=graded_later, **paced)
+
+
+def test_a_ratio_schedule_refuses_the_all_selector_passed_to_the_trainer(tokenizer, tmp_path):
+    args = TIPConfig(output_dir=str(tmp_path), selection_ratio_schedule="cosine", selection_ratio=0.2, **SETTINGS)
+    with pytest.raises(ValueError, match="has nothing to move with the `all` selector"):
+        TIPGKDTrainer(
+            model=tiny_causal_lm(tokenizer, seed=0),
+            teacher_model=tiny_causal_lm(tokenizer, seed=1),
+            args=args,
+            train_dataset=tiny_math_dataset(4),
+            processing_class=tokenizer,
+            token_selector="all",
+        )
+
+
+def test_schedules_set_their_starting_values_before_the_first_batch(tokenizer, tmp_path):
+    trainer = make_trainer(
+        tokenizer,
+        tmp_path,
+        token_selector="soft_or",
+        selection_ratio=0.2,
+        selection_ratio_schedule="linear",
+        selection_ratio_start=0.9,
+        beta_schedule="0:0,0.5:1",
+    )
+    assert (trainer.token_selector.ratio, trainer.beta) == (0.9, 0.0)
+
+
+def test_teacher_entropy_is_computed_only_on_steps_that_record_quadrant_statistics(tokenizer, monkeypatch, tmp_path):
+    from trl_tip.trainer import tip_trainer
+
+    flags = []
+    original = tip_trainer.compute_token_stats
+    monkeypatch.setattr(
+        tip_trainer,
+        "compute_token_stats",
+        lambda *args, teacher_entropy=True, **kwargs: (
+            flags.append(teacher_entropy) or original(*args, teacher_entropy=teacher_entropy, **kwargs)
+        ),
+    )
+    trainer = make_trainer(tokenizer, tmp_path, token_selector="soft_or", log_quadrant_stats_every=2, max_steps=4)
+    trainer.train()
+    assert flags == [True, False, True, False]  # global steps 0..3, recorded at 0 and 2
+    assert all("teacher_entropy" in row for row in trainer.quadrant_tracker.step_rows())

@@ -41,10 +41,11 @@ DECAYING_RATIO_SCHEDULES = ("linear", "cosine", "adaptive")
 
 
 def training_progress(step: int, max_steps: int) -> float:
-    """The share of training done before optimizer step `step` (0-based) of `max_steps`, in [0, 1]."""
-    if max_steps <= 0:
+    """Where optimizer step `step` (0-based) of `max_steps` sits in training: 0 at the first step, 1 at the last, so
+    a schedule's end value is the one the last step trains with (one step: 0)."""
+    if max_steps <= 1:
         return 0.0
-    return min(max(step / max_steps, 0.0), 1.0)
+    return min(max(step / (max_steps - 1), 0.0), 1.0)
 
 
 def check_ratio_schedule(schedule: str, start: float, final: float, decay_fraction: float) -> None:
@@ -159,6 +160,12 @@ class AdaptiveRatio:
         return cls(**state)
 
 
+def short_number(value: float) -> str:
+    """`value` written short (`1` for 1.0, `0.5`), but never rounded: `0.9999995` stays whole."""
+    text = f"{value:g}"
+    return text if float(text) == value else repr(float(value))
+
+
 def check_open_unit(name: str, value, low_closed: bool = False) -> float:
     """A number in (0, 1), or [0, 1) with `low_closed`; raises ValueError naming `name`."""
     valid = not isinstance(value, bool) and isinstance(value, (int, float))
@@ -172,9 +179,9 @@ class BetaSchedule:
     """
     A piecewise-constant `beta` over training progress: `beta = betas[i]` from `starts[i]` until the next start.
 
-    Written `"0:0.0,0.5:1.0"` (progress:beta pairs, progress the share of training done): forward KL for the first
-    half, reverse KL after, PACED's two-stage schedule. The first piece must start at 0 so that the whole run is
-    covered.
+    Written `"0:0.0,0.5:1.0"` (progress:beta pairs; progress goes from 0 at the first optimizer step to 1 at the
+    last, as `training_progress`): forward KL for the first half, reverse KL after, PACED's two-stage schedule. The
+    first piece must start at 0 so that the whole run is covered.
     """
 
     starts: tuple[float, ...]
@@ -221,7 +228,7 @@ class BetaSchedule:
         return self.betas[max(index, 0)]
 
     def __str__(self) -> str:
-        return ",".join(f"{start:g}:{beta:g}" for start, beta in zip(self.starts, self.betas))
+        return ",".join(f"{short_number(start)}:{short_number(beta)}" for start, beta in zip(self.starts, self.betas))
 
 
 def check_paced_exponents(alpha, beta) -> tuple[float, float]:
@@ -249,7 +256,8 @@ def paced_weights(
 
     Args:
         pass_rate (`torch.Tensor`):
-            `(N,)` pass rate of each rollout's problem (the share of that problem's rollouts that are correct).
+            `(N,)` pass rate of each rollout's problem (the share of that problem's rollouts that are correct); NaN for
+            a problem none of whose rollouts could be graded, which gets weight 0.
         num_tokens (`torch.Tensor`):
             `(N,)` tokens of each rollout that the loss's normalizer counts (its valid tokens, or its kept ones).
         alpha, beta (`float`):
@@ -260,7 +268,8 @@ def paced_weights(
         stays a per-token average over the counted tokens and its normalizer (their count) is unchanged. All zeros
         when every problem has weight 0 (every rollout right, or every one wrong): nothing to learn from.
     """
-    raw = paced_weight(pass_rate, alpha, beta)
+    graded = ~pass_rate.isnan()
+    raw = torch.where(graded, paced_weight(pass_rate.nan_to_num(0.0), alpha, beta), 0.0)
     tokens = num_tokens.to(torch.float64)
     weighted = (raw * tokens).sum()
     if weighted <= 0:
@@ -269,9 +278,12 @@ def paced_weights(
 
 
 def group_pass_rates(keys: Sequence, correct: Sequence[float]) -> list[float]:
-    """Each rollout's pass rate: the mean correctness of the rollouts that share its problem key."""
+    """Each rollout's pass rate: the mean correctness of the rollouts that share its problem key. A NaN correctness
+    (not gradable) is left out of its problem's mean; a problem with none graded gets NaN."""
     totals: dict = {}
     for key, value in zip(keys, correct, strict=True):
         total, count = totals.get(key, (0.0, 0))
-        totals[key] = (total + float(value), count + 1)
-    return [totals[key][0] / totals[key][1] for key in keys]
+        if not math.isnan(float(value)):
+            total, count = total + float(value), count + 1
+        totals[key] = (total, count)
+    return [totals[key][0] / totals[key][1] if totals[key][1] else math.nan for key in keys]

@@ -9,7 +9,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 
-from ..core.schedules import SCHEDULE_AND_WEIGHTING_FIELDS
+from ..core.schedules import SCHEDULE_AND_WEIGHTING_FIELDS, short_number
 from ..core.selectors import SELECTION_SCOPES, SELECTORS
 
 
@@ -48,6 +48,15 @@ class Rule:
     def config_options(self) -> dict:
         """The options as `TIPConfig` keyword arguments (numbers as floats)."""
         return {key: _number_or_text(value) for key, value in self.options}
+
+
+def study_rule_options(rule: Rule) -> dict:
+    """A rule's `TIPConfig` options in the study: PACED reads the study's answers as numbers (its prompts ask for the
+    final number only), not as `\\boxed{}`, unless the rule says otherwise."""
+    options = rule.config_options()
+    if options.get("problem_weighting") == "paced":
+        options.setdefault("paced_answer_format", "number")
+    return options
 
 
 def _number_or_text(value: str):
@@ -111,7 +120,7 @@ def _parse_rule_option(option: str, text: str) -> tuple[str, str]:
         except ValueError as error:
             raise ValueError(f"--rules: {text!r}: {error}") from None
     number = _number_or_text(value)
-    return key, f"{number:g}" if isinstance(number, float) else value
+    return key, short_number(number) if isinstance(number, float) else value
 
 
 def parse_seeds(value) -> list[int]:
@@ -285,7 +294,7 @@ class StudyArguments:
                 num_rollouts_per_prompt=self.num_rollouts_per_prompt,
                 use_cpu=True,
                 report_to="none",
-                **rule.config_options(),
+                **study_rule_options(rule),
             )
         except ValueError as error:
             raise ValueError(f"--rules: {rule.label!r}: {error}") from None

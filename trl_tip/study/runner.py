@@ -28,7 +28,7 @@ import torch
 from transformers import ProgressCallback
 
 from ..utils.files import STAGING_SUFFIX, write_jsonl_atomically, write_text_atomically
-from .grid import Rule, StudyArguments
+from .grid import Rule, StudyArguments, study_rule_options
 
 
 RESULT_VERSION = 1
@@ -202,7 +202,7 @@ def train_and_evaluate(ctx: StudyContext, rule: Rule, seed: int, staging: Path, 
         lr_scheduler_type=args.lr_scheduler_type,
         beta=args.beta,
         temperature=args.temperature,
-        **rule.config_options(),
+        **study_rule_options(rule),
         logging_steps=1,
         save_strategy="no",
         report_to="none",

@@ -8,6 +8,9 @@ before the weights are set.
 
 from __future__ import annotations
 
+import inspect
+import logging
+import math
 from collections.abc import Callable
 
 import torch
@@ -20,6 +23,7 @@ from ..eval.grading import grade, gsm8k_reference
 
 
 ROLLOUT_WEIGHTS_KEY = "rollout_weights"
+logger = logging.getLogger(__name__)
 
 
 def check_problem_weighting(args, train_dataset, reward_func: Callable | None) -> None:
@@ -34,6 +38,17 @@ def check_problem_weighting(args, train_dataset, reward_func: Callable | None) -
     if reward_func is not None:
         if not callable(reward_func):
             raise TypeError(f"`reward_func` must be callable (TRL's reward-function signature); got {reward_func!r}.")
+        for name, default in (("paced_answer_column", "answer"), ("paced_answer_format", "boxed")):
+            if getattr(args, name) != default:
+                raise ValueError(
+                    f"`{name}`={getattr(args, name)!r} has no effect with `reward_func`, which grades the rollouts "
+                    f"itself. Leave `{name}` at its default ({default!r}) or drop `reward_func`."
+                )
+        if inspect.iscoroutinefunction(reward_func):
+            raise TypeError(
+                "`reward_func` is an async function; PACED grades rollouts synchronously. Pass a plain function, e.g. "
+                "`lambda **kwargs: asyncio.run(reward_func(**kwargs))`."
+            )
         return
     columns = getattr(train_dataset, "column_names", None)
     answer = args.paced_answer_column
@@ -50,9 +65,10 @@ class ProblemWeightingMixin:
     """PACED weights of [`TIPGKDTrainer`]; a mixin over TRL's `DistillationTrainer`."""
 
     reward_func: Callable | None = None
+    _warned_no_paced_weight = False
 
     def _grade_rollouts(self, inputs: list[dict], output: dict) -> list[float]:
-        """Each local rollout's correctness in [0, 1]."""
+        """Each local rollout's correctness in [0, 1], or NaN where a reward function could not grade it."""
         completion_ids = [
             ids[mask.bool()].tolist() for ids, mask in zip(output["completion_ids"], output["completion_mask"])
         ]
@@ -64,19 +80,25 @@ class ProblemWeightingMixin:
         completions = (
             [[{"role": "assistant", "content": text}] for text in texts] if is_conversational(inputs[0]) else texts
         )
-        columns = {key: [x[key] for x in inputs] for key in inputs[0] if key not in ("prompt", "completion")}
+        # Called as GRPOTrainer calls reward functions: the other dataset columns as keyword lists, the trainer state,
+        # and `log_extra` / `log_metric` (metrics land under `paced/`; there is no completions table to extend).
+        skip = ("prompt", "completion", "completion_ids")
+        columns = {key: [x[key] for x in inputs] for key in inputs[0] if key not in skip}
         rewards = self.reward_func(
             prompts=prompts,
             completions=completions,
             completion_ids=completion_ids,
             trainer_state=self.state,
+            log_extra=lambda column, values: None,
+            log_metric=lambda name, value: self._metrics["train"][f"paced/{name}"].append(value),
             **columns,
         )
-        rewards = [float(r) for r in rewards]
-        if len(rewards) != len(texts) or any(not 0.0 <= r <= 1.0 for r in rewards):
+        # `None` is TRL's "cannot grade this one" (e.g. `accuracy_reward` on an unparsable reference): left out.
+        rewards = [math.nan if r is None else float(r) for r in rewards]
+        if len(rewards) != len(texts) or any(not 0.0 <= r <= 1.0 for r in rewards if not math.isnan(r)):
             raise ValueError(
-                f"`reward_func` must return one reward in [0, 1] per completion (1.0 correct, 0.0 wrong) for PACED's "
-                f"pass rate; got {rewards} for {len(texts)} completions."
+                f"`reward_func` must return one reward in [0, 1] (1.0 correct, 0.0 wrong) or None (not gradable) per "
+                f"completion for PACED's pass rate; got {rewards} for {len(texts)} completions."
             )
         return rewards
 
@@ -110,11 +132,23 @@ class ProblemWeightingMixin:
         output[ROLLOUT_WEIGHTS_KEY] = local.to(self.accelerator.device)
         metrics = self._metrics["train"]
         problem_rates = torch.tensor(list(dict(zip((row[1] for row in rows), pass_rates)).values()))
+        problem_rates = problem_rates[~problem_rates.isnan()]
         metrics["tip/pass_rate_mean"].append(problem_rates.mean().item())
         metrics["tip/pass_rate_zero_share"].append((problem_rates == 0).float().mean().item())
         metrics["tip/pass_rate_one_share"].append((problem_rates == 1).float().mean().item())
         metrics["tip/paced_mean_weight"].append(weights.mean().item())
         metrics["tip/paced_weighted_share"].append((weights > 0).float().mean().item())
+        if not bool((weights > 0).any()) and not self._warned_no_paced_weight:
+            self._warned_no_paced_weight = True
+            logger.warning(
+                "PACED: every problem of this generation batch was answered right by all of its rollouts or by none "
+                "(pass-rate mean %.2f), so the batch trains on nothing; `tip/paced_weighted_share` shows how often. "
+                "If the student never gets one right, check how answers are read: `paced_answer_format` (%r), "
+                "`paced_answer_column` (%r), or pass `reward_func=`.",
+                problem_rates.mean().item(),
+                self.args.paced_answer_format,
+                self.args.paced_answer_column,
+            )
 
 
 def _reference(answer) -> str:

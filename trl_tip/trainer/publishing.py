@@ -52,7 +52,8 @@ class PublishingMixin:
             temperature=self.args.temperature,
             normalization=(
                 "the number of selected tokens" if self.args.loss_normalization == "selected" else "all valid tokens"
-            ),
+            )
+            + self._weighting_text(),
             training_data=dataset_name or "the trainer's prompt dataset",
             steps=self.state.global_step,
             learning_rate=self.args.learning_rate,
@@ -114,6 +115,15 @@ class PublishingMixin:
             )
         return commit
 
+    def _weighting_text(self) -> str:
+        args = self.args
+        if args.problem_weighting != "paced":
+            return ""
+        return (
+            f"; each problem's rollouts weighted by PACED's p^{args.paced_alpha:g} (1 - p)^{args.paced_beta:g} of the "
+            f"student's pass rate p over its {args.num_rollouts_per_prompt} rollouts"
+        )
+
     def _ratio_text(self, ratio: float | None) -> str:
         """The kept share for the card: fixed, or the schedule that moved it and where it ended."""
         if ratio is None:
@@ -123,9 +133,9 @@ class PublishingMixin:
         if schedule == "constant":
             return f"{100 * ratio:g}% of each rollout's valid tokens"
         if schedule == "adaptive":
-            bounds = f"between {100 * args.selection_ratio:g}% and 100%"
             return (
-                f"adaptive (LATF) {bounds} of each rollout's valid tokens, from {100 * args.selection_ratio_start:g}%"
+                f"adaptive (LATF) between {100 * args.selection_ratio:g}% and 100% of each rollout's valid tokens, "
+                f"from {100 * args.selection_ratio_start:g}%, {100 * ratio:.3g}% at the end"
             )
         return (
             f"{schedule} from {100 * args.selection_ratio_start:g}% to {100 * args.selection_ratio:g}% of each "

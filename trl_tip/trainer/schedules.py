@@ -9,6 +9,7 @@ import os
 import torch
 
 from ..core.schedules import AdaptiveRatio, scheduled_ratio, training_progress
+from ..utils.files import write_text_atomically
 
 
 SCHEDULE_STATE_FILE = "tip_schedule_state.json"
@@ -28,8 +29,17 @@ class ScheduleMixin:
         self._adaptive_ratio = None
         self._adaptive_loss_sum = 0.0
         self._adaptive_loss_count = 0.0
+        if self._beta_schedule is not None:
+            # Before the first training batch (an `evaluate()` first, say) the run is at progress 0.
+            self.beta = self._beta_schedule(0.0)
         if args.selection_ratio_schedule == "constant":
             return
+        if getattr(self.token_selector, "name", None) == "all":
+            raise ValueError(
+                f'`selection_ratio_schedule="{args.selection_ratio_schedule}"` has nothing to move with the `all` '
+                "selector, which keeps every token (its count would follow the ratio, its selection would not). Pass "
+                'a ratio selector or set `selection_ratio_schedule="constant"`.'
+            )
         if not isinstance(getattr(self.token_selector, "ratio", None), float):
             raise ValueError(
                 f'`selection_ratio_schedule="{args.selection_ratio_schedule}"` sets the `ratio` of the token '
@@ -44,6 +54,7 @@ class ScheduleMixin:
                 step=args.adaptive_ratio_step,
                 tolerance=args.adaptive_ratio_tolerance,
             )
+        self.token_selector.ratio = float(args.selection_ratio_start)
 
     def _apply_schedules(self) -> None:
         """Sets the ratio and beta of the generation batch about to be generated (training only)."""
@@ -97,19 +108,23 @@ class ScheduleMixin:
             "beta": self.beta,
         }
 
-    def _save_schedule_state(self, output_dir: str) -> None:
+    def _save_schedule_state(self, output_dir: str) -> dict:
+        """Writes the schedules' state readable beside the checkpoint (main process) and returns it for this
+        process's own `tip_rng_state_<rank>.pt`: the adaptive rule's pending loss sums differ between processes."""
+        state = self._schedule_state()
         if self.accelerator.is_main_process:
-            with open(os.path.join(output_dir, SCHEDULE_STATE_FILE), "w") as f:
-                json.dump(self._schedule_state(), f, indent=2)
+            write_text_atomically(os.path.join(output_dir, SCHEDULE_STATE_FILE), json.dumps(state, indent=2) + "\n")
+        return state
 
-    def _load_schedule_state(self, checkpoint: str) -> None:
-        path = os.path.join(checkpoint, SCHEDULE_STATE_FILE)
-        if not os.path.isfile(path):
+    def _load_schedule_state(self, state: dict | None) -> None:
+        """Restores what `_save_schedule_state` returned (from this process's RNG-state file). The adaptive rule
+        resumes its ratio, average and anchor; its settings (floor, step, tolerance, decay) are the config's."""
+        if state is None:
             return
-        with open(path) as f:
-            state = json.load(f)
         if self._adaptive_ratio is not None and state["adaptive_ratio"] is not None:
-            self._adaptive_ratio = AdaptiveRatio.from_state_dict(state["adaptive_ratio"])
+            saved = state["adaptive_ratio"]
+            self._adaptive_ratio.ratio, self._adaptive_ratio.ema = saved["ratio"], saved["ema"]
+            self._adaptive_ratio.anchor = saved["anchor"]
             self._adaptive_loss_sum = state["adaptive_loss_sum"]
             self._adaptive_loss_count = state["adaptive_loss_count"]
         if self.args.selection_ratio_schedule != "constant" and state["selection_ratio"] is not None:

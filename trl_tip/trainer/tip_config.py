@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from trl import DistillationConfig
@@ -128,7 +128,8 @@ class TIPConfig(DistillationConfig):
             Share of training over which `linear` and `cosine` reach `selection_ratio`; it stays there afterwards.
         adaptive_ratio_ema_decay (`float`, *optional*, defaults to `0.9`):
             `adaptive`: weight of the previous moving average of the loss (`ema = d * ema + (1 - d) * loss`), updated
-            once per generation batch with that batch's training loss.
+            once per generation batch with that batch's mean divergence over its kept tokens (LATF's loss over the
+            selected tokens, whatever `loss_normalization`).
         adaptive_ratio_step (`float`, *optional*, defaults to `0.05`):
             `adaptive`: relative change of the ratio per move, in (0, 1) (LATF's `sample_ratio_eps`).
         adaptive_ratio_tolerance (`float`, *optional*, defaults to `0.05`):
@@ -348,7 +349,8 @@ class TIPConfig(DistillationConfig):
         default=0.9,
         metadata={
             "help": "`adaptive`: weight of the previous moving average of the loss (`ema = d * ema + (1 - d) * "
-            "loss`), updated once per generation batch with that batch's training loss.",
+            "loss`), updated once per generation batch with that batch's mean divergence over its kept tokens "
+            "(LATF's loss over the selected tokens, whatever `loss_normalization`).",
         },
     )
     adaptive_ratio_step: float = field(
@@ -570,6 +572,13 @@ class TIPConfig(DistillationConfig):
         check_choice("problem_weighting", self.problem_weighting, PROBLEM_WEIGHTINGS)
         self.paced_alpha, self.paced_beta = check_paced_exponents(self.paced_alpha, self.paced_beta)
         check_choice("paced_answer_format", self.paced_answer_format, ANSWER_FORMATS)
+        if self.problem_weighting == "paced" and self.remove_unused_columns:
+            raise ValueError(
+                '`problem_weighting="paced"` grades rollouts against dataset columns, which '
+                "`remove_unused_columns=True` drops before they reach the trainer. Set `remove_unused_columns=False` "
+                "(the default of TRL's distillation configs)."
+            )
+        _check_no_ignored_fields(self)
         if self.problem_weighting == "paced" and self.num_rollouts_per_prompt < 2:
             raise ValueError(
                 f'`problem_weighting="paced"` weights a problem by the share of its rollouts that are correct, so it '
@@ -697,6 +706,47 @@ def _check_no_field_in_selector_kwargs(kwargs: dict) -> None:
                 f"setting's one source ({readers}). Remove `{argument}` from `token_selector_kwargs` and set "
                 f"`{field_name}` instead, e.g. `{field_name}={example!r}`."
             )
+
+
+# Fields that only act in one mode: (field, the mode's test, how to turn the mode on).
+_MODE_FIELDS = (
+    (
+        ("selection_ratio_start", "selection_ratio_decay_fraction"),
+        lambda c: c.selection_ratio_schedule != "constant",
+        '`selection_ratio_schedule="linear"` or `"cosine"` (`selection_ratio_start` also for `"adaptive"`)',
+    ),
+    (
+        ("adaptive_ratio_ema_decay", "adaptive_ratio_step", "adaptive_ratio_tolerance"),
+        lambda c: c.selection_ratio_schedule == "adaptive",
+        '`selection_ratio_schedule="adaptive"`',
+    ),
+    (
+        ("paced_alpha", "paced_beta", "paced_answer_column", "paced_answer_format"),
+        lambda c: c.problem_weighting == "paced",
+        '`problem_weighting="paced"`',
+    ),
+)
+
+
+def _check_no_ignored_fields(config) -> None:
+    """A field set away from its default in a mode that never reads it is refused, naming the mode that would."""
+    defaults = {f.name: f.default for f in fields(config)}
+    for names, active, mode in _MODE_FIELDS:
+        for name in names:
+            ignored = not active(config) or (
+                name == "selection_ratio_decay_fraction" and config.selection_ratio_schedule == "adaptive"
+            )
+            if ignored and getattr(config, name) != defaults[name]:
+                raise ValueError(
+                    f"`{name}`={getattr(config, name)!r} has no effect here: it is read only with {mode}. Set that, "
+                    f"or leave `{name}` at its default ({defaults[name]!r})."
+                )
+    if config.beta_schedule is not None and config.beta != defaults["beta"]:
+        raise ValueError(
+            f"`beta`={config.beta!r} has no effect with `beta_schedule`={config.beta_schedule!r}, which sets beta at "
+            'every generation batch. Put the value in the schedule (e.g. `beta_schedule="0:0.5"`) and leave `beta` '
+            f"at its default ({defaults['beta']!r})."
+        )
 
 
 def _resolve_selection_ratio(token_selector: str, ratio: float | None) -> float:

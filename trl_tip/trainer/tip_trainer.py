@@ -13,7 +13,7 @@ from trl import DistillationTrainer
 
 from ..core.loss import masked_gjsd_loss
 from ..core.quadrants import QuadrantTracker
-from ..core.selectors import build_selector, resolve_selection
+from ..core.selectors import QuadrantSelector, RatioSelector, build_selector, resolve_selection
 from ..core.stats import compute_token_stats
 from ..utils.vllm_compat import apply_cpu_weight_sync_fix, vllm_engine_options
 from .benchmark_callback import BenchmarkCallback, evaluate_benchmarks
@@ -258,6 +258,7 @@ class TIPGKDTrainer(RolloutMixin, ScheduleMixin, ProblemWeightingMixin, Publishi
         **head_kwargs,
     ):
         """Drop-in for TRL's `_chunked_divergence_loss`: statistics, selection, then the masked loss."""
+        training = self.model.training
         stats = compute_token_stats(
             student_hidden_states,
             teacher_hidden_states,
@@ -265,9 +266,9 @@ class TIPGKDTrainer(RolloutMixin, ScheduleMixin, ProblemWeightingMixin, Publishi
             teacher_lm_head_weight,
             completion_mask,
             temperature=temperature,
+            teacher_entropy=self._needs_teacher_entropy(training),
             **head_kwargs,
         )
-        training = self.model.training
         generator = self._selection_generator if training else torch.Generator().manual_seed(self.selection_seed)
         selection = resolve_selection(self.token_selector, stats, generator)
         if training and self.args.loss_normalization == "selected" and num_items_in_batch is not None:
@@ -308,6 +309,13 @@ class TIPGKDTrainer(RolloutMixin, ScheduleMixin, ProblemWeightingMixin, Publishi
         if weights is not None:
             per_token = per_token * weights
         return keep & (per_token > 0), per_token
+
+    def _needs_teacher_entropy(self, training: bool) -> bool:
+        """The teacher's entropy costs one more pass over the teacher's tiles: computed when this step's quadrant
+        statistics are recorded, in evaluation, and always for a selector that is not built in (it may read it)."""
+        if not isinstance(self.token_selector, (RatioSelector, QuadrantSelector)):
+            return True
+        return not training or self.state.global_step % self.args.log_quadrant_stats_every == 0
 
     @property
     def _count_follows_from_masks(self) -> bool:
@@ -369,8 +377,8 @@ class TIPGKDTrainer(RolloutMixin, ScheduleMixin, ProblemWeightingMixin, Publishi
 
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
-        self._save_schedule_state(output_dir)
         state = {"selection": self._selection_generator.get_state(), "policy": self._policy_rng.getstate()}
+        state["schedules"] = self._save_schedule_state(output_dir)
         torch.save(state, os.path.join(output_dir, f"tip_rng_state_{self.accelerator.process_index}.pt"))
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
@@ -378,11 +386,11 @@ class TIPGKDTrainer(RolloutMixin, ScheduleMixin, ProblemWeightingMixin, Publishi
         if checkpoint is None:
             return
         path = os.path.join(checkpoint, f"tip_rng_state_{self.accelerator.process_index}.pt")
-        self._load_schedule_state(checkpoint)
         if os.path.isfile(path):
             state = torch.load(path, weights_only=False)
             self._selection_generator.set_state(state["selection"])
             self._policy_rng.setstate(state["policy"])
+            self._load_schedule_state(state.get("schedules"))
         stats_dir = os.path.join(checkpoint, TIP_STATS_DIR)
         if os.path.isfile(os.path.join(stats_dir, "tracker.json")):
             self.quadrant_tracker = QuadrantTracker.load(stats_dir)
