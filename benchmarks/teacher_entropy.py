@@ -6,6 +6,7 @@ the teacher's entropy `H(P_T)` over their tokens next to the student's, overall 
 
     python benchmarks/teacher_entropy.py                       # SmolLM2-135M-Instruct teacher, its 26-layer student
     python benchmarks/teacher_entropy.py --prompts 64 --max-new-tokens 64 --temperature 1.0
+    python benchmarks/teacher_entropy.py --teacher TEACHER_DIR --student STUDENT_DIR   # any pair with one tokenizer
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ def quantiles(values: torch.Tensor, qs=(0.1, 0.25, 0.5, 0.75, 0.9)) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", default="smollm2", help="Teacher: 'smollm2' (embedded), a folder or a Hub id.")
+    parser.add_argument("--student", default=None, help="Student folder or Hub id; default: the compressed teacher.")
     parser.add_argument("--student-layers", type=int, default=26, help="Layers the compressed student keeps.")
     parser.add_argument("--prompts", type=int, default=32, help="Training prompts to sample from.")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="Longest rollout (the study's default).")
@@ -39,7 +41,12 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(args.seed)
     teacher, student, tokenizer, _, _ = load_models(
-        DemoArguments(teacher=args.teacher, student_layers=args.student_layers, max_new_tokens=args.max_new_tokens)
+        DemoArguments(
+            teacher=args.teacher,
+            student=args.student,
+            student_layers=args.student_layers,
+            max_new_tokens=args.max_new_tokens,
+        )
     )
     prompts = list(to_dataset(make_problems(args.prompts, seed=args.seed, steps=(1, 2), digits=1))["prompt"])
     started = time.time()
