@@ -252,11 +252,12 @@ def plot_study(rows: list[dict], baselines: dict | None, path: str | os.PathLike
             if v >= 0.06:
                 ax_quad.text(x, 100 * (b + v / 2), f"{100 * v:.0f}", ha="center", va="center", fontsize=8, color="w")
         bottom += values
-    ax_quad.set_xticks(positions, rules, rotation=30, ha="right", fontsize=8)
+    # A rule's options go on lines of their own, so a long label does not run into the legend below.
+    ax_quad.set_xticks(positions, [rule.replace("+", "\n+") for rule in rules], rotation=30, ha="right", fontsize=8)
     ax_quad.set_ylim(0, 100)
     ax_quad.set_ylabel("share of the kept tokens (%)")
     ax_quad.set_title("Kept tokens by quadrant (mean over seeds)", fontsize=10)
-    ax_quad.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.22))
+    ax_quad.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     n_seeds = len({r["seed"] for r in rows})
     fig.suptitle(f"TIP study: {len(rows)} runs, {len(rules)} rules, {n_seeds} seeds; bars are ± 1 standard error")
     fig.tight_layout()
