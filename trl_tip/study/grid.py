@@ -9,7 +9,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 
-from ..core.schedules import SCHEDULE_AND_WEIGHTING_FIELDS, short_number
+from ..core.schedules import SCHEDULE_AND_WEIGHTING_FIELDS, BetaSchedule, short_number
 from ..core.selectors import SELECTION_SCOPES, SELECTORS
 
 
@@ -113,8 +113,6 @@ def _parse_rule_option(option: str, text: str) -> tuple[str, str]:
             "are the grid's own flags)."
         )
     if key == "beta_schedule":
-        from ..core.schedules import BetaSchedule
-
         try:
             return key, str(BetaSchedule.parse(value))
         except ValueError as error:

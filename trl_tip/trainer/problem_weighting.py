@@ -20,6 +20,8 @@ from trl.data_utils import is_conversational
 from ..core.schedules import group_pass_rates, paced_weights
 from ..core.selectors import kept_per_sequence
 from ..eval.grading import grade, gsm8k_reference
+from .rollouts import rollout_loss_mask
+from .tip_config import field_default
 
 
 ROLLOUT_WEIGHTS_KEY = "rollout_weights"
@@ -38,7 +40,8 @@ def check_problem_weighting(args, train_dataset, reward_func: Callable | None) -
     if reward_func is not None:
         if not callable(reward_func):
             raise TypeError(f"`reward_func` must be callable (TRL's reward-function signature); got {reward_func!r}.")
-        for name, default in (("paced_answer_column", "answer"), ("paced_answer_format", "boxed")):
+        for name in ("paced_answer_column", "paced_answer_format"):
+            default = field_default(name)
             if getattr(args, name) != default:
                 raise ValueError(
                     f"`{name}`={getattr(args, name)!r} has no effect with `reward_func`, which grades the rollouts "
@@ -114,10 +117,7 @@ class ProblemWeightingMixin:
         """Sets `output["rollout_weights"]` (this process's rollouts) and logs the pass rates and the mean weight."""
         correct = self._grade_rollouts(inputs, output)
         keys = [repr((x["prompt"], x.get(self.args.paced_answer_column))) for x in inputs]
-        loss_mask = (
-            output["completion_mask"] * output["tool_mask"] if "tool_mask" in output else output["completion_mask"]
-        )
-        tokens = self._normalizer_share(loss_mask).tolist()
+        tokens = self._normalizer_share(rollout_loss_mask(output)).tolist()
         # Every process needs the whole generation batch: a problem's rollouts may sit on several processes.
         rows = gather_object([(self.accelerator.process_index, k, c, n) for k, c, n in zip(keys, correct, tokens)])
         pass_rates = group_pass_rates([row[1] for row in rows], [row[2] for row in rows])

@@ -3,12 +3,12 @@ run's recipe as `trl-tip train --config` YAML."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 from trl.trainer.utils import get_config_model_id
 
 from ..core.schedules import SCHEDULE_AND_WEIGHTING_FIELDS
+from .tip_config import field_default
 
 
 class PublishingMixin:
@@ -174,9 +174,8 @@ class PublishingMixin:
                 # Enums (e.g. the scheduler type) are written as their plain values, as a recipe spells them.
                 recipe[name] = getattr(value, "value", value)
         # Schedules and problem weighting only when a run uses them: a TIP run's recipe stays as short as TIP's.
-        defaults = {f.name: f.default for f in dataclasses.fields(args)}
         for name in SCHEDULE_AND_WEIGHTING_FIELDS:
-            if getattr(args, name) != defaults[name]:
+            if getattr(args, name) != field_default(name):
                 recipe[name] = getattr(args, name)
         teacher_config = self.accelerator.unwrap_model(self.teacher_model).config
         recipe["teacher_model_name_or_path"] = _recipe_model(

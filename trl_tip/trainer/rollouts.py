@@ -7,6 +7,12 @@ from trl.data_utils import apply_chat_template, is_conversational
 from trl.trainer.utils import RepeatSampler
 
 
+def rollout_loss_mask(output: dict):
+    """The tokens of a generated batch that can enter the loss: the completion mask without tool-output tokens."""
+    mask = output["completion_mask"]
+    return mask * output["tool_mask"] if "tool_mask" in output else mask
+
+
 class RolloutMixin:
     """Sampler and generation hooks of [`TIPGKDTrainer`]; a mixin over TRL's `DistillationTrainer`.
 

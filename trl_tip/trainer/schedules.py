@@ -118,7 +118,9 @@ class ScheduleMixin:
 
     def _load_schedule_state(self, state: dict | None) -> None:
         """Restores what `_save_schedule_state` returned (from this process's RNG-state file). The adaptive rule
-        resumes its ratio, average and anchor; its settings (floor, step, tolerance, decay) are the config's."""
+        resumes its ratio, average and anchor; its settings (floor, step, tolerance, decay) are the config's. The
+        ratio and beta in force are not read back: the first generation batch after the resume sets them again from
+        the step and the adaptive state (they are saved for people reading the checkpoint)."""
         if state is None:
             return
         if self._adaptive_ratio is not None and state["adaptive_ratio"] is not None:
@@ -127,7 +129,3 @@ class ScheduleMixin:
             self._adaptive_ratio.anchor = saved["anchor"]
             self._adaptive_loss_sum = state["adaptive_loss_sum"]
             self._adaptive_loss_count = state["adaptive_loss_count"]
-        if self.args.selection_ratio_schedule != "constant" and state["selection_ratio"] is not None:
-            self.token_selector.ratio = float(state["selection_ratio"])
-        if self._beta_schedule is not None:
-            self.beta = float(state["beta"])

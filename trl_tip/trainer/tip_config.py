@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from trl import DistillationConfig
@@ -708,12 +708,22 @@ def _check_no_field_in_selector_kwargs(kwargs: dict) -> None:
             )
 
 
-# Fields that only act in one mode: (field, the mode's test, how to turn the mode on).
+def field_default(name: str):
+    """The default of the `TIPConfig` field `name` (what a user who never set it has)."""
+    return TIPConfig.__dataclass_fields__[name].default
+
+
+# Fields that only act in one mode: (fields, the mode's test, how to turn the mode on).
 _MODE_FIELDS = (
     (
-        ("selection_ratio_start", "selection_ratio_decay_fraction"),
+        ("selection_ratio_start",),
         lambda c: c.selection_ratio_schedule != "constant",
-        '`selection_ratio_schedule="linear"` or `"cosine"` (`selection_ratio_start` also for `"adaptive"`)',
+        '`selection_ratio_schedule="linear"`, `"cosine"` or `"adaptive"`',
+    ),
+    (
+        ("selection_ratio_decay_fraction",),
+        lambda c: c.selection_ratio_schedule in ("linear", "cosine"),
+        '`selection_ratio_schedule="linear"` or `"cosine"`',
     ),
     (
         ("adaptive_ratio_ema_decay", "adaptive_ratio_step", "adaptive_ratio_tolerance"),
@@ -730,22 +740,18 @@ _MODE_FIELDS = (
 
 def _check_no_ignored_fields(config) -> None:
     """A field set away from its default in a mode that never reads it is refused, naming the mode that would."""
-    defaults = {f.name: f.default for f in fields(config)}
     for names, active, mode in _MODE_FIELDS:
         for name in names:
-            ignored = not active(config) or (
-                name == "selection_ratio_decay_fraction" and config.selection_ratio_schedule == "adaptive"
-            )
-            if ignored and getattr(config, name) != defaults[name]:
+            if not active(config) and getattr(config, name) != field_default(name):
                 raise ValueError(
                     f"`{name}`={getattr(config, name)!r} has no effect here: it is read only with {mode}. Set that, "
-                    f"or leave `{name}` at its default ({defaults[name]!r})."
+                    f"or leave `{name}` at its default ({field_default(name)!r})."
                 )
-    if config.beta_schedule is not None and config.beta != defaults["beta"]:
+    if config.beta_schedule is not None and config.beta != field_default("beta"):
         raise ValueError(
             f"`beta`={config.beta!r} has no effect with `beta_schedule`={config.beta_schedule!r}, which sets beta at "
             'every generation batch. Put the value in the schedule (e.g. `beta_schedule="0:0.5"`) and leave `beta` '
-            f"at its default ({defaults['beta']!r})."
+            f"at its default ({field_default('beta')!r})."
         )
 
 

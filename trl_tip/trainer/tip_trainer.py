@@ -21,7 +21,7 @@ from .head_rows import check_head_rows, trl_sees_equal_vocab_sizes, vocab_sizes
 from .loss_routing import check_routed, routed_to
 from .problem_weighting import ROLLOUT_WEIGHTS_KEY, ProblemWeightingMixin, check_problem_weighting
 from .publishing import PublishingMixin
-from .rollouts import RolloutMixin
+from .rollouts import RolloutMixin, rollout_loss_mask
 from .schedules import ScheduleMixin
 from .tip_config import TIPConfig, check_rollouts_divide_generation_batch
 
@@ -220,9 +220,7 @@ class TIPGKDTrainer(RolloutMixin, ScheduleMixin, ProblemWeightingMixin, Publishi
         if self._count_follows_from_masks:
             # Ratio selectors keep a count that follows from the masks alone, so the global normalizer of the whole
             # generation batch (all accumulation steps, all ranks) is known before any statistics are computed.
-            loss_mask = output["completion_mask"]
-            if "tool_mask" in output:
-                loss_mask = loss_mask * output["tool_mask"]
+            loss_mask = rollout_loss_mask(output)
             output["num_selected_in_batch"] = self.accelerator.gather(self.token_selector.count(loss_mask)).sum()
         return output
 
