@@ -67,9 +67,11 @@ def main(script_args, training_args, model_args, dataset_args):
         raise ValueError(
             "A student model is required: set `model_name_or_path` in the recipe or with --model_name_or_path."
         )
-    if training_args.teacher_model_name_or_path is None:
+    self_distillation = training_args.teacher_model_kind is not None
+    if training_args.teacher_model_name_or_path is None and not self_distillation:
         raise ValueError(
-            "A teacher model is required: set `teacher_model_name_or_path` in the recipe or on the command line."
+            "A teacher model is required: set `teacher_model_name_or_path` in the recipe or on the command line, or "
+            "`teacher_model_kind` (base, live or ema) to make the student its own teacher."
         )
 
     init_kwargs = {
@@ -79,8 +81,9 @@ def main(script_args, training_args, model_args, dataset_args):
         "dtype": model_args.dtype,
     }
     training_args.model_init_kwargs = {**init_kwargs, **(training_args.model_init_kwargs or {})}
-    teacher_kwargs = {**init_kwargs, "revision": training_args.teacher_model_revision}
-    training_args.teacher_model_init_kwargs = {**teacher_kwargs, **(training_args.teacher_model_init_kwargs or {})}
+    if not self_distillation:  # a self teacher is loaded like the student
+        teacher_kwargs = {**init_kwargs, "revision": training_args.teacher_model_revision}
+        training_args.teacher_model_init_kwargs = {**teacher_kwargs, **(training_args.teacher_model_init_kwargs or {})}
 
     if dataset_args.datasets:
         dataset = get_dataset(dataset_args)

@@ -22,10 +22,13 @@ from ..core.schedules import (
 )
 from ..core.selectors import SELECTION_SCOPES, SELECTORS, build_selector
 from ..eval.grading import ANSWER_FORMATS
+from .privileged_context import check_teacher_prompt_template
 
 
 EVAL_LOSS_TOKENS = ("all", "selected")
 PROBLEM_WEIGHTINGS = ("none", "paced")
+# `teacher_model_kind`: TRL SDFTConfig's self teachers.
+TEACHER_MODEL_KINDS = ("base", "live", "ema")
 # `selection_ratio` when unset: the ratio selectors keep half of each rollout, `quadrant` its whole quadrants.
 DEFAULT_RATIO = 0.5
 DEFAULT_QUADRANT_RATIO = 1.0
@@ -181,6 +184,27 @@ class TIPConfig(DistillationConfig):
         num_rollouts_per_prompt (`int`, *optional*, defaults to `1`):
             Rollouts sampled per prompt in each generation batch (the paper: 16). The generation batch (per-device
             batch x processes x accumulation steps) must be a multiple of it; `TIPConfig` checks this when built.
+
+        > Parameters that control self-distillation (the student as its own teacher)
+
+        teacher_model_kind (`str`, *optional*):
+            Self-distillation: the teacher is the student itself, reading `teacher_prompt_template` (the student's
+            prompt plus privileged context it does not see) followed by exactly the student's completion tokens.
+            `base` is the student's weights at the start of training (a PEFT student's base model with its adapters
+            disabled, no copy; otherwise one frozen copy), `live` the current student under no_grad (no copy), `ema`
+            an exponential moving average of the student (one copy; `teacher_update_rate`, `teacher_sync_steps`).
+            Names and meanings of TRL's `SDFTConfig`. Unset (default): a separate teacher, `teacher_model_name_or_path`
+            or the trainer's `teacher_model`, which a self teacher refuses.
+        teacher_update_rate (`float`, *optional*, defaults to `0.05`):
+            `ema`: share by which the teacher moves toward the student at each update, `teacher = (1 - rate) *
+            teacher + rate * student`, in (0, 1]; 1.0 resyncs it to the student.
+        teacher_sync_steps (`int`, *optional*, defaults to `1`):
+            `ema`: optimizer steps between two teacher updates.
+        teacher_prompt_template (`str`, *optional*, defaults to `"{prompt}\n\n{privileged_context}"`):
+            The self teacher's prompt: `{prompt}` is the student's prompt (for a conversational prompt the text of its
+            last user message, which the teacher's message replaces; system messages are kept) and every other
+            `{name}` a dataset column, `privileged_context` (TRL's column) by default; a column holding messages
+            gives their texts, one per line. The chat template is applied as to the student's prompt.
 
         > Parameters that control colocated vLLM execution (only used when `vllm_mode` is `"colocate"`)
 
@@ -448,6 +472,41 @@ class TIPConfig(DistillationConfig):
         },
     )
 
+    # Parameters that control self-distillation (the student as its own teacher)
+    teacher_model_kind: str | None = field(
+        default=None,
+        metadata={
+            "help": "Self-distillation: the teacher is the student itself, reading `teacher_prompt_template` (the "
+            "student's prompt plus privileged context it does not see) followed by exactly the student's completion "
+            "tokens. `base` is the student's weights at the start of training (a PEFT student's base model with its "
+            "adapters disabled, no copy; otherwise one frozen copy), `live` the current student under no_grad (no "
+            "copy), `ema` an exponential moving average of the student (one copy; `teacher_update_rate`, "
+            "`teacher_sync_steps`). Names and meanings of TRL's `SDFTConfig`. Unset (default): a separate teacher, "
+            "`teacher_model_name_or_path` or the trainer's `teacher_model`, which a self teacher refuses.",
+            "choices": list(TEACHER_MODEL_KINDS),
+        },
+    )
+    teacher_update_rate: float = field(
+        default=0.05,
+        metadata={
+            "help": "`ema`: share by which the teacher moves toward the student at each update, `teacher = (1 - "
+            "rate) * teacher + rate * student`, in (0, 1]; 1.0 resyncs it to the student.",
+        },
+    )
+    teacher_sync_steps: int = field(
+        default=1,
+        metadata={"help": "`ema`: optimizer steps between two teacher updates."},
+    )
+    teacher_prompt_template: str = field(
+        default="{prompt}\n\n{privileged_context}",
+        metadata={
+            "help": "The self teacher's prompt: `{prompt}` is the student's prompt (for a conversational prompt the "
+            "text of its last user message, which the teacher's message replaces; system messages are kept) and "
+            "every other `{name}` a dataset column, `privileged_context` (TRL's column) by default; a column holding "
+            "messages gives their texts, one per line. The chat template is applied as to the student's prompt.",
+        },
+    )
+
     # Parameters that control colocated vLLM execution (only used when `vllm_mode` is `"colocate"`)
     vllm_enforce_eager: bool = field(
         default=False,
@@ -578,6 +637,7 @@ class TIPConfig(DistillationConfig):
                 "`remove_unused_columns=True` drops before they reach the trainer. Set `remove_unused_columns=False` "
                 "(the default of TRL's distillation configs)."
             )
+        self._check_self_distillation()
         _check_no_ignored_fields(self)
         if self.problem_weighting == "paced" and self.num_rollouts_per_prompt < 2:
             raise ValueError(
@@ -638,6 +698,31 @@ class TIPConfig(DistillationConfig):
         check_open_unit("adaptive_ratio_tolerance", self.adaptive_ratio_tolerance, low_closed=True)
         if self.beta_schedule is not None:
             self.beta_schedule = str(BetaSchedule.parse(self.beta_schedule))
+
+    def _check_self_distillation(self) -> None:
+        if self.teacher_model_kind is None:
+            return
+        check_choice("teacher_model_kind", self.teacher_model_kind, TEACHER_MODEL_KINDS)
+        for name in ("teacher_model_name_or_path", "teacher_model_init_kwargs", "teacher_model_revision"):
+            if getattr(self, name) is not None:
+                raise ValueError(
+                    f"`teacher_model_kind`={self.teacher_model_kind!r} makes the student its own teacher, so "
+                    f"`{name}`={getattr(self, name)!r} would be ignored. Unset `{name}` for self-distillation, or "
+                    "unset `teacher_model_kind` to distill from that separate teacher."
+                )
+        check_teacher_prompt_template(self.teacher_prompt_template)
+        rate = self.teacher_update_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 < rate <= 1.0:
+            raise ValueError(f"`teacher_update_rate` must be a number in (0, 1]; got {rate!r}.")
+        steps = self.teacher_sync_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"`teacher_sync_steps` must be a positive integer; got {steps!r}.")
+        if self.remove_unused_columns:
+            raise ValueError(
+                "A self teacher reads the dataset columns its `teacher_prompt_template` names, which "
+                "`remove_unused_columns=True` drops before they reach the trainer. Set `remove_unused_columns=False` "
+                "(the default of TRL's distillation configs)."
+            )
 
     @property
     def beta_schedule_value(self) -> BetaSchedule | None:
@@ -729,6 +814,16 @@ _MODE_FIELDS = (
         ("adaptive_ratio_ema_decay", "adaptive_ratio_step", "adaptive_ratio_tolerance"),
         lambda c: c.selection_ratio_schedule == "adaptive",
         '`selection_ratio_schedule="adaptive"`',
+    ),
+    (
+        ("teacher_update_rate", "teacher_sync_steps"),
+        lambda c: c.teacher_model_kind == "ema",
+        '`teacher_model_kind="ema"`',
+    ),
+    (
+        ("teacher_prompt_template",),
+        lambda c: c.teacher_model_kind is not None,
+        '`teacher_model_kind` set (`"base"`, `"live"` or `"ema"`)',
     ),
     (
         ("paced_alpha", "paced_beta", "paced_answer_column", "paced_answer_format"),

@@ -23,6 +23,12 @@ from .problem_weighting import ROLLOUT_WEIGHTS_KEY, ProblemWeightingMixin, check
 from .publishing import PublishingMixin
 from .rollouts import RolloutMixin, rollout_loss_mask
 from .schedules import ScheduleMixin
+from .self_teacher import (
+    SelfTeacherMixin,
+    check_self_teacher,
+    frozen_copy_source,
+    teacher_loaded_like_student,
+)
 from .tip_config import TIPConfig, check_rollouts_divide_generation_batch
 
 
@@ -39,7 +45,9 @@ LOGGED_METRICS = (
 )
 
 
-class TIPGKDTrainer(RolloutMixin, ScheduleMixin, ProblemWeightingMixin, PublishingMixin, DistillationTrainer):
+class TIPGKDTrainer(
+    SelfTeacherMixin, RolloutMixin, ScheduleMixin, ProblemWeightingMixin, PublishingMixin, DistillationTrainer
+):
     """
     On-policy distillation with token importance (TIP): TRL's [`~trl.DistillationTrainer`] whose loss covers only the
     completion tokens a [`~trl_tip.TokenSelector`] keeps.
@@ -87,7 +95,9 @@ class TIPGKDTrainer(RolloutMixin, ScheduleMixin, ProblemWeightingMixin, Publishi
         model (`str` or `PreTrainedModel` or `PeftModel`):
             The student, as for `DistillationTrainer`.
         teacher_model (`str` or `PreTrainedModel`, *optional*):
-            The teacher; defaults to `args.teacher_model_name_or_path`. Required one way or the other.
+            The teacher; defaults to `args.teacher_model_name_or_path`. Required one way or the other, unless
+            `args.teacher_model_kind` makes the student its own teacher (self-distillation on the dataset's privileged
+            context, `args.teacher_prompt_template`), which refuses both.
         args ([`TIPConfig`], *optional*):
             Configuration; TIP's defaults when omitted.
         train_dataset, eval_dataset, processing_class, callbacks, optimizers, quantization_config, peft_config, tools:
@@ -126,12 +136,16 @@ class TIPGKDTrainer(RolloutMixin, ScheduleMixin, ProblemWeightingMixin, Publishi
             args = TIPConfig(f"{str(name).split('/')[-1]}-TIP")
         elif not isinstance(args, TIPConfig):
             raise TypeError(f"`args` must be a `TIPConfig`; got {type(args).__name__}. Build one with TIPConfig(...).")
-        if teacher_model is None:
+        check_self_teacher(args, model, teacher_model, peft_config, train_dataset, eval_dataset)
+        if args.teacher_model_kind is not None:
+            teacher_model = frozen_copy_source(args, model, peft_config)
+        elif teacher_model is None:
             teacher_model = args.teacher_model_name_or_path
-        if teacher_model is None:
+        if teacher_model is None and args.teacher_model_kind is None:
             raise ValueError(
                 "TIPGKDTrainer needs a teacher: pass `teacher_model=` (a model or a path/Hub id) or set "
-                "`teacher_model_name_or_path` in the TIPConfig."
+                "`teacher_model_name_or_path` in the TIPConfig, or set `teacher_model_kind` to make the student its "
+                "own teacher."
             )
         if args.push_to_hub:
             from ..hub.push import require_token
@@ -161,8 +175,13 @@ class TIPGKDTrainer(RolloutMixin, ScheduleMixin, ProblemWeightingMixin, Publishi
         # A pair whose heads pad one tokenizer to different sizes (Qwen2.5-14B -> 1.5B) trains on the rows the heads
         # share, but trl 1.16's __init__ refuses any `vocab_size` difference: it sees equal sizes while it runs, and
         # `check_head_rows` checks the pair against the tokenizer afterwards (head_rows.py says why this way).
-        head_rows = vocab_sizes(model, teacher_model, args)
-        with vllm_engine_options(**engine_options), trl_sees_equal_vocab_sizes(teacher_model, *head_rows):
+        # A student that is its own teacher (no copy) has one head.
+        head_rows = (0, 0) if teacher_model is None else vocab_sizes(model, teacher_model, args)
+        with (
+            vllm_engine_options(**engine_options),
+            trl_sees_equal_vocab_sizes(teacher_model, *head_rows),
+            teacher_loaded_like_student(args, teacher_model),
+        ):
             super().__init__(
                 model=model,
                 teacher_model=teacher_model,
@@ -177,6 +196,7 @@ class TIPGKDTrainer(RolloutMixin, ScheduleMixin, ProblemWeightingMixin, Publishi
                 tools=tools,
             )
         check_head_rows(self, teacher_model, *head_rows)
+        self._init_self_teacher()
         if args.benchmarks:
             self.add_callback(BenchmarkCallback(self))
         self.selection_seed = args.seed if args.selection_seed is None else args.selection_seed
@@ -213,6 +233,7 @@ class TIPGKDTrainer(RolloutMixin, ScheduleMixin, ProblemWeightingMixin, Publishi
             output = super()._generate_and_score_completions(inputs)
         finally:
             self._dataset_examples = None
+        self._add_teacher_prompts(inputs, output)
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["tip/on_policy"].append(0.0 if off_policy else 1.0)
         if self.args.problem_weighting == "paced" and self.model.training and not off_policy:
@@ -235,7 +256,7 @@ class TIPGKDTrainer(RolloutMixin, ScheduleMixin, ProblemWeightingMixin, Publishi
             inputs = {**inputs, "num_items_in_batch": inputs["num_selected_in_batch"]}
         self._rollout_weights = inputs.get(ROLLOUT_WEIGHTS_KEY)
         try:
-            with routed_to(self._tip_divergence_loss) as route:
+            with routed_to(self._tip_divergence_loss) as route, self._teacher_reads_privileged_context(inputs):
                 output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         finally:
             self._rollout_weights = None
@@ -378,6 +399,7 @@ class TIPGKDTrainer(RolloutMixin, ScheduleMixin, ProblemWeightingMixin, Publishi
         state = {"selection": self._selection_generator.get_state(), "policy": self._policy_rng.getstate()}
         state["schedules"] = self._save_schedule_state(output_dir)
         torch.save(state, os.path.join(output_dir, f"tip_rng_state_{self.accelerator.process_index}.pt"))
+        self._save_self_teacher(output_dir)
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         super()._load_rng_state(checkpoint)
@@ -389,6 +411,7 @@ class TIPGKDTrainer(RolloutMixin, ScheduleMixin, ProblemWeightingMixin, Publishi
             self._selection_generator.set_state(state["selection"])
             self._policy_rng.setstate(state["policy"])
             self._load_schedule_state(state.get("schedules"))
+        self._load_self_teacher(checkpoint)
         stats_dir = os.path.join(checkpoint, TIP_STATS_DIR)
         if os.path.isfile(os.path.join(stats_dir, "tracker.json")):
             self.quadrant_tracker = QuadrantTracker.load(stats_dir)
