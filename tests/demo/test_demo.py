@@ -139,6 +139,33 @@ def test_demo_pipeline_writes_a_complete_run(tiny_models, tmp_path):
     assert "![Token quadrants](quadrants.png)" in card.text and "student after" in card.text
 
 
+@pytest.mark.parametrize("kind", ["live", "base"])
+def test_self_distillation_demo_trains_the_full_model_against_itself_told_the_answer(kind, tiny_models, tmp_path):
+    args = DemoArguments(
+        teacher=str(tiny_models / "teacher"),
+        teacher_model_kind=kind,
+        steps=2,
+        batch_size=2,
+        max_new_tokens=6,
+        train_problems=8,
+        eval_problems=4,
+        output_dir=str(tmp_path / "runs"),
+    )
+    run_dir = tmp_path / "runs" / f"demo-self-{kind}-soft_or-0.5"
+    assert run_demo(args) == str(run_dir)
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["student"] == "teacher (local model)"
+    assert report["teacher"] == f"teacher (local model), told the answer ({kind} weights)"
+    evaluation = report["evaluation"]
+    # Before training the student and its privileged self share weights; only the answer in the prompt differs.
+    assert evaluation["student_reverse_kl_before"] > 0 and evaluation["student_reverse_kl_after"] > 0
+    assert report["machine"]["peak_rss_after_training_mib"] > 0
+    assert len(report["training"]["losses"]) == 2
+    reloaded, _ = load_causal_lm(str(run_dir))
+    assert reloaded.config.num_hidden_layers == 2, "the full model is the student"
+    assert f"--teacher-model-kind {kind}" in (run_dir / "README.md").read_text()
+
+
 def test_licence_comes_from_the_base_models_card_or_config(tiny_models, tmp_path):
     from trl_tip.demo.model_source import COMPLETE_MARKER, model_license
 

@@ -7,6 +7,7 @@ few minutes of TIP on-policy distillation, and everything lands in `outputs/<run
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -18,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..core.selectors import SELECTORS
+from ..trainer.privileged_context import teacher_prompt
+from ..trainer.tip_config import TEACHER_MODEL_KINDS
 from ..utils.files import write_text_atomically
 from .model_source import ModelSourceError, hub_model_id, load_causal_lm, model_license, model_name, resolve_model
 from .student_layers import compress_layers, default_layers_to_keep
@@ -30,6 +33,14 @@ class DemoArguments:
     )
     student: str | None = field(
         default=None, metadata={"help": "Student folder or Hub id; default: the teacher with layers removed."}
+    )
+    teacher_model_kind: str | None = field(
+        default=None,
+        metadata={
+            "help": "Self-distillation instead: the full --teacher model (or --student) is the student, and its own "
+            "teacher is itself told each problem's answer (TIPConfig's `teacher_model_kind`: base, live or ema).",
+            "choices": (None, *TEACHER_MODEL_KINDS),
+        },
     )
     student_layers: int = field(
         default=26, metadata={"help": "Decoder layers the compressed student keeps (a middle block is dropped)."}
@@ -53,7 +64,10 @@ class DemoArguments:
     )
     seed: int = field(default=0, metadata={"help": "Seed for problems, rollouts and selection."})
     output_dir: str = field(default="outputs", metadata={"help": "Parent folder of the run folder."})
-    run_name: str | None = field(default=None, metadata={"help": "Run folder name; default demo-<selector>-<ratio>."})
+    run_name: str | None = field(
+        default=None,
+        metadata={"help": "Run folder name; default demo-<selector>-<ratio> (demo-self-<kind>-<selector>-<ratio>)."},
+    )
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing run folder."})
 
 
@@ -112,18 +126,29 @@ def _dataset_problems(name: str, n_train: int, n_eval: int, seed: int):
         )
     held_out = data.select(range(n_eval))
     train = data.select(range(n_eval, min(data.num_rows, n_eval + n_train)))
-    return train.select_columns(["prompt"]), held_out
+    return train, held_out
+
+
+# Self-distillation's privileged context: the problem's answer, in TRL's `privileged_context` column.
+ANSWER_CONTEXT = "The correct final answer is {answer}."
 
 
 def _problems(args: DemoArguments):
+    """Training prompts (with the answer as `privileged_context` for self-distillation) and held-out problems."""
     from .problems import make_problems, to_dataset
 
     if args.dataset:
-        return _dataset_problems(args.dataset, args.train_problems, args.eval_problems, args.seed)
-    train = to_dataset(make_problems(args.train_problems, seed=args.seed, steps=(1, 2), digits=1))
-    # One-step problems for the held-out check: the 135M teacher already struggles with those.
-    held_out = to_dataset(make_problems(args.eval_problems, seed=args.seed + 10_000, steps=1, digits=1))
-    return train.select_columns(["prompt"]), held_out
+        train, held_out = _dataset_problems(args.dataset, args.train_problems, args.eval_problems, args.seed)
+    else:
+        train = to_dataset(make_problems(args.train_problems, seed=args.seed, steps=(1, 2), digits=1))
+        # One-step problems for the held-out check: the 135M teacher already struggles with those.
+        held_out = to_dataset(make_problems(args.eval_problems, seed=args.seed + 10_000, steps=1, digits=1))
+    if args.teacher_model_kind is None:
+        return train.select_columns(["prompt"]), held_out
+    with_context = [train, held_out]
+    for i, data in enumerate(with_context):
+        with_context[i] = data.map(lambda row: {"privileged_context": ANSWER_CONTEXT.format(answer=row["answer"])})
+    return with_context[0].select_columns(["prompt", "privileged_context"]), with_context[1]
 
 
 def layers_to_keep(args: DemoArguments, depth: int) -> list[int]:
@@ -146,14 +171,22 @@ def compressed_student_name(teacher: str, keep: list[int], depth: int) -> str:
 def public_model_names(args: DemoArguments, teacher_depth: int) -> tuple[str, str]:
     """The teacher and the student as `report.json` and the model card name them: by `model_name`, no local path."""
     teacher = model_name(args.teacher)
+    if args.teacher_model_kind is not None:
+        student = teacher if args.student is None else model_name(args.student)
+        return f"{student}, told the answer ({args.teacher_model_kind} weights)", student
     if args.student is not None:
         return teacher, model_name(args.student)
     return teacher, compressed_student_name(teacher, layers_to_keep(args, teacher_depth), teacher_depth)
 
 
 def load_models(args: DemoArguments):
-    """Teacher, student and tokenizer, checked before anything is written."""
+    """Teacher, student and tokenizer, checked before anything is written. For self-distillation the teacher is
+    `None`: the student (the full `--teacher` model, or `--student`) is its own."""
     teacher_path = resolve_model(args.teacher)
+    if args.teacher_model_kind is not None:
+        student_path = teacher_path if args.student is None else resolve_model(args.student)
+        student, tokenizer = load_causal_lm(student_path)
+        return None, student, tokenizer, student_path, student_path
     teacher, tokenizer = load_causal_lm(teacher_path)
     if args.student is None:
         depth = teacher.config.num_hidden_layers
@@ -175,13 +208,21 @@ def load_models(args: DemoArguments):
     return teacher, student, tokenizer, teacher_path, student_name
 
 
-def evaluate(model, teacher, tokenizer, held_out, args: DemoArguments, label: str, with_kl: bool = True) -> dict:
+def evaluate(
+    model, teacher, tokenizer, held_out, args: DemoArguments, label: str, with_kl: bool = True, privileged=False
+) -> dict:
+    """Greedy held-out accuracy of `model` (reading the teacher's prompts when `privileged`) and its mean reverse KL
+    to `teacher` on those completions; for self-distillation the teacher reads the problem with its answer."""
     from .heldout import answer_accuracy, greedy_rollouts, mean_reverse_kl
 
-    rollouts = greedy_rollouts(model, tokenizer, held_out["prompt"], args.max_new_tokens, desc=f"Evaluating {label}")
+    teacher_prompts = None
+    if args.teacher_model_kind is not None:
+        teacher_prompts = [teacher_prompt(row, TEACHER_PROMPT_TEMPLATE) for row in held_out]
+    prompts = teacher_prompts if privileged else held_out["prompt"]
+    rollouts = greedy_rollouts(model, tokenizer, prompts, args.max_new_tokens, desc=f"Evaluating {label}")
     result = {"accuracy": answer_accuracy(rollouts.texts, held_out["answer"]), "examples": rollouts.texts[:3]}
     if with_kl:
-        result["reverse_kl"] = mean_reverse_kl(model, teacher, tokenizer, rollouts)
+        result["reverse_kl"] = mean_reverse_kl(model, teacher, tokenizer, rollouts, teacher_prompts=teacher_prompts)
     return result
 
 
@@ -191,40 +232,76 @@ def run_demo(args: DemoArguments) -> str:
     run_name, final_dir = _run_folder(args)
     torch.manual_seed(args.seed)
     teacher, student, tokenizer, _, _ = load_models(args)
-    teacher_name, student_name = public_model_names(args, teacher.config.num_hidden_layers)
+    teacher_name, student_name = public_model_names(args, (teacher or student).config.num_hidden_layers)
     train_set, held_out = _problems(args)
+    self_distillation = teacher is None
+    # The privileged self before training: the initial weights, reading the answer (a copy, as the student trains).
+    initial = copy.deepcopy(student).eval() if self_distillation else teacher
 
     timings = {}
     t = time.time()
     before = {
-        "teacher": evaluate(teacher, teacher, tokenizer, held_out, args, "teacher", with_kl=False),
-        "student": evaluate(student, teacher, tokenizer, held_out, args, "student (before)"),
+        "teacher": evaluate(initial, initial, tokenizer, held_out, args, "teacher", False, self_distillation),
+        "student": evaluate(student, initial, tokenizer, held_out, args, "student (before)"),
     }
     timings["evaluation_before_s"] = time.time() - t
+    if self_distillation:
+        del initial  # the trainer keeps its own copy where the kind needs one
 
     staging = _fresh_staging_dir(args.output_dir, run_name)
     t = time.time()
     trainer = train_student(student, teacher, tokenizer, train_set, args, staging)
     timings["training_s"] = time.time() - t
+    peak_rss_mib = _peak_rss_mib()
 
     t = time.time()
-    after = evaluate(trainer.model, teacher, tokenizer, held_out, args, "student (after)")
+    after_teacher = teacher if teacher is not None else _self_teacher_weights(trainer)
+    after = evaluate(trainer.model, after_teacher, tokenizer, held_out, args, "student (after)")
     timings["evaluation_after_s"] = time.time() - t
 
     save_student(trainer, staging, args)
     timings["total_s"] = time.time() - started
     report = demo_report(args, trainer, teacher_name, student_name, held_out, before, after, timings)
+    report["machine"]["peak_rss_after_training_mib"] = peak_rss_mib
     write_report_and_card(staging, trainer, report, args, run_name)
     _move_into_place(staging, final_dir)
     print(_summary(report, final_dir))
     return final_dir
 
 
+TEACHER_PROMPT_TEMPLATE = "{prompt}\n\n{privileged_context}"  # TRL's and TIPConfig's default
+
+
+def _self_teacher_weights(trainer):
+    """The self teacher's weights after training, as a model: the student itself for `live`, else its copy."""
+    from ..trainer.self_teacher import SelfTeacher
+
+    teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+    if isinstance(teacher, SelfTeacher):
+        if teacher.kind == "base":  # a PEFT student's base: not reached by the demo, which trains every weight
+            raise ValueError("the demo trains every weight; a PEFT student has no separate teacher model to score")
+        return teacher.student
+    return teacher
+
+
+def _peak_rss_mib() -> float:
+    """The process's peak resident memory so far, in MiB (Linux reports KiB, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
+
+
 def _run_folder(args: DemoArguments) -> tuple[str, str]:
     """The run's name and final folder, checked before any slow work: a known selector, no run to overwrite."""
     if args.selector not in SELECTORS:
         raise ValueError(f"--selector must be one of {', '.join(SELECTORS)}; got {args.selector!r}.")
-    run_name = args.run_name or f"demo-{args.selector}-{args.ratio:g}"
+    if args.teacher_model_kind is not None and args.teacher_model_kind not in TEACHER_MODEL_KINDS:
+        raise ValueError(
+            f"--teacher-model-kind must be one of {', '.join(TEACHER_MODEL_KINDS)}; got {args.teacher_model_kind!r}."
+        )
+    prefix = "demo" if args.teacher_model_kind is None else f"demo-self-{args.teacher_model_kind}"
+    run_name = args.run_name or f"{prefix}-{args.selector}-{args.ratio:g}"
     final_dir = os.path.join(args.output_dir, run_name)
     if os.path.exists(final_dir) and not args.overwrite:
         raise ValueError(f"{final_dir} already exists; pass --overwrite or choose --run-name.")
@@ -263,6 +340,7 @@ def demo_config(args: DemoArguments, output_dir: str):
         use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=False,
         seed=args.seed,
+        teacher_model_kind=args.teacher_model_kind,
     )
 
 
@@ -290,7 +368,8 @@ def save_student(trainer, output_dir: str, args: DemoArguments) -> None:
     plot_quadrants(
         trainer.quadrant_tracker,
         os.path.join(output_dir, "quadrants.png"),
-        title=f"TIP {args.selector} {args.ratio:g}: SmolLM2 student tokens during on-policy distillation",
+        title=f"TIP {args.selector} {args.ratio:g}: SmolLM2 student tokens during on-policy "
+        + ("distillation" if args.teacher_model_kind is None else "self-distillation"),
     )
 
 

@@ -100,17 +100,33 @@ def completion_batches(rollouts: Rollouts, batch_size: int, pad: int):
 
 @torch.no_grad()
 def mean_reverse_kl(
-    student, teacher, tokenizer, rollouts: Rollouts, batch_size: int = 16, temperature: float = 1.0
+    student,
+    teacher,
+    tokenizer,
+    rollouts: Rollouts,
+    batch_size: int = 16,
+    temperature: float = 1.0,
+    teacher_prompts: list | None = None,
 ) -> float:
-    """Mean over completion tokens of KL(student || teacher), on the given (student) rollouts."""
+    """Mean over completion tokens of KL(student || teacher), on the given (student) rollouts; with
+    `teacher_prompts` (one per rollout, chat template applied here) the teacher reads those before the same
+    completions (self-distillation's privileged context)."""
     total, count = 0.0, 0
-    batches = completion_batches(rollouts, batch_size, tokenizer.pad_token_id)
+    teacher_rollouts = rollouts
+    if teacher_prompts is not None:
+        prompt_ids = [
+            torch.tensor(tokenizer.apply_chat_template(p, add_generation_prompt=True, return_dict=True)["input_ids"])
+            for p in teacher_prompts
+        ]
+        teacher_rollouts = Rollouts(prompt_ids, rollouts.completion_ids, rollouts.texts)
+    pad = tokenizer.pad_token_id
+    batches = zip(completion_batches(rollouts, batch_size, pad), completion_batches(teacher_rollouts, batch_size, pad))
     total_batches = math.ceil(len(rollouts.prompt_ids) / batch_size)
-    for _, ids, attention, completion_mask, span in tqdm(
+    for (_, ids, attention, completion_mask, span), (_, t_ids, t_attention, _, t_span) in tqdm(
         batches, desc="Scoring KL", unit="batch", total=total_batches
     ):
         h_s = last_hidden(student, ids, attention)[:, span]
-        h_t = last_hidden(teacher, ids, attention)[:, span]
+        h_t = last_hidden(teacher, t_ids, t_attention)[:, t_span]
         stats = completion_stats(student, teacher, h_s, h_t, completion_mask, temperature)
         total += float(stats.reverse_kl.sum())
         count += stats.num_valid
