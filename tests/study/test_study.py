@@ -14,7 +14,15 @@ from trl_tip.cli import main as cli_main
 from trl_tip.core.quadrants import QUADRANT_NAMES
 from trl_tip.study import StudyArguments, aggregate, mean_se, paired_difference, parse_args, run_study
 from trl_tip.study import runner as study_runner
-from trl_tip.study.grid import DEFAULT_RULES, DEFAULT_SEEDS, RULE_OPTIONS, STUDY_SELECTORS, Rule, parse_rule
+from trl_tip.study.grid import (
+    DEFAULT_RULES,
+    DEFAULT_SEEDS,
+    RULE_OPTIONS,
+    STUDY_SELECTORS,
+    Rule,
+    parse_rule,
+    study_rule_options,
+)
 from trl_tip.study.report import plot_study, summary_markdown
 from trl_tip.utils.files import read_jsonl
 
@@ -423,9 +431,32 @@ def test_held_out_kls_match_the_demo_and_cached_teacher_states_change_nothing(ti
 
 
 def test_paced_in_the_study_reads_answers_as_numbers_unless_the_rule_says_otherwise():
-    from trl_tip.study.grid import study_rule_options
-
     assert study_rule_options(parse_rule("all:1.0+problem_weighting=paced"))["paced_answer_format"] == "number"
     boxed = parse_rule("all:1.0+problem_weighting=paced+paced_answer_format=boxed")
     assert study_rule_options(boxed)["paced_answer_format"] == "boxed"
     assert "paced_answer_format" not in study_rule_options(parse_rule("soft_or:0.5+selection_ratio_schedule=linear"))
+
+
+def test_a_self_teacher_rule_trains_against_the_student_told_the_answer(tiny_models, tmp_path, monkeypatch):
+    from trl_tip.trainer import tip_trainer
+
+    rule = parse_rule("soft_or:0.5+teacher_model_kind=live")
+    assert rule.label == "soft_or:0.5+teacher_model_kind=live"
+    options = study_rule_options(rule)
+    assert options["teacher_prompt_template"] == "{prompt}\n\nThe correct final answer is {answer}."
+    built = []
+    original_init = tip_trainer.TIPGKDTrainer.__init__
+
+    def recording_init(self, *args, **kwargs):
+        built.append(kwargs.get("teacher_model"))
+        original_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(tip_trainer.TIPGKDTrainer, "__init__", recording_init)
+    run_study(quick_args(tiny_models, tmp_path / "self", rules=("soft_or:0.5+teacher_model_kind=live",)))
+    assert built == [None], "no separate teacher: the student is its own"
+    (row,) = read_jsonl(tmp_path / "self" / "results.jsonl")
+    assert row["rule"] == "soft_or:0.5+teacher_model_kind=live" and len(row["losses"]) == 2
+    # Evaluated like every rule, against the grid's teacher.
+    assert row["reverse_kl"] > 0 and row["forward_kl"] > 0
+    with pytest.raises(ValueError, match="`teacher_model_kind` must be one of 'base', 'live', 'ema'"):
+        quick_args(tiny_models, tmp_path / "bad", rules=("soft_or:0.5+teacher_model_kind=self",))

@@ -17,9 +17,12 @@ ACCELERATE = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
 SHARED_DATA = paths.DATA / "eval"
 
 
+PAIRS = ("qwen3_8b_to_4b", "llama3_70b_to_8b", "qwen25_14b_to_1p5b")
+
+
 def test_there_is_a_recipe_per_pair_and_variant():
     names = {p.relative_to(ROOT / "recipes").as_posix() for p in RECIPES}
-    for pair in ("qwen3_8b_to_4b", "llama3_70b_to_8b", "qwen25_14b_to_1p5b"):
+    for pair in PAIRS:
         for variant in ("all", "entropy_sampling_50", "soft_or_50", "soft_or_20", "q3_10", "q3_20"):
             assert f"{pair}/{variant}.yaml" in names
     assert "tiny_cpu.yaml" in names
@@ -65,12 +68,30 @@ def test_recipe_parses_and_validates(recipe, tmp_path):
     # Unset, the ratio is 0.5 for the ratio selectors and 1.0 (every token) for `all`.
     assert config.selection_ratio == raw.get("selection_ratio", 1.0 if raw["token_selector"] == "all" else 0.5)
     assert config.beta == 1.0 and config.temperature == 1.0
-    assert model_args.model_name_or_path and config.teacher_model_name_or_path and script_args.dataset_name
+    # A separate teacher, or the student as its own (self-distillation).
+    assert model_args.model_name_or_path and script_args.dataset_name
+    assert bool(config.teacher_model_name_or_path) != bool(config.teacher_model_kind)
     config.build_selector()
-    if recipe.name != "tiny_cpu.yaml":
+    if recipe.parent.name in PAIRS:
         assert config.num_rollouts_per_prompt == 16 and config.max_completion_length == 8192
         assert config.learning_rate == (3e-7 if "llama" in recipe.parent.name else 1e-6)
         assert config.lr_scheduler_type == "cosine"
+
+
+def test_the_self_distillation_recipe_makes_a_lora_student_its_own_base_teacher(tmp_path):
+    from trl import get_peft_config
+
+    from trl_tip.trainer.privileged_context import teacher_prompt
+
+    recipe = ROOT / "recipes" / "self_distillation" / "qwen3_4b_base_lora_soft_or_50.yaml"
+    _, config, model_args, _ = make_parser().parse_args_and_config(
+        args=["--config", str(recipe), "--use_cpu", "true", "--output_dir", str(tmp_path)]
+    )
+    assert config.teacher_model_kind == "base" and config.teacher_model_name_or_path is None
+    assert get_peft_config(model_args) is not None, "base + PEFT: the teacher is the base model, no copy"
+    row = {"prompt": [{"role": "user", "content": "Compute 2+3."}], "solution": "5"}
+    (message,) = teacher_prompt(row, config.teacher_prompt_template)
+    assert message["content"].startswith("Compute 2+3.\n\nThe reference answer is 5.")
 
 
 @pytest.mark.parametrize("config", ACCELERATE, ids=lambda p: p.name)

@@ -212,7 +212,12 @@ def train_and_evaluate(ctx: StudyContext, rule: Rule, seed: int, staging: Path, 
         seed=seed,
     )
     trainer = TIPGKDTrainer(
-        model=student, teacher_model=teacher, args=config, train_dataset=ctx.train_set, processing_class=tokenizer
+        model=student,
+        # A self-teacher rule trains against the student told the answer; the evaluation below still uses `teacher`.
+        teacher_model=None if config.teacher_model_kind else teacher,
+        args=config,
+        train_dataset=ctx.train_set,
+        processing_class=tokenizer,
     )
     # A step bar, without the full metrics dict the default bar prints at every step (the run file keeps the losses).
     trainer.remove_callback(ProgressCallback)

@@ -8,7 +8,7 @@ import os
 from trl.trainer.utils import get_config_model_id
 
 from ..core.schedules import SCHEDULE_AND_WEIGHTING_FIELDS
-from .tip_config import field_default
+from .tip_config import SELF_DISTILLATION_FIELDS, field_default
 
 
 class PublishingMixin:
@@ -34,6 +34,11 @@ class PublishingMixin:
             plot = "quadrants.png"
         student_id = get_config_model_id(self.model.config)
         teacher_label = _model_label(self.accelerator.unwrap_model(self.teacher_model).config)
+        if self.args.teacher_model_kind is not None:
+            teacher_label = (
+                f"{_model_label(self.model.config)} itself (self-distillation, `teacher_model_kind="
+                f'"{self.args.teacher_model_kind}"`), reading `{self.args.teacher_prompt_template!r}`'
+            )
         selector = self.token_selector
         ratio = getattr(selector, "ratio", None)
         write_student_card(
@@ -177,6 +182,12 @@ class PublishingMixin:
         for name in SCHEDULE_AND_WEIGHTING_FIELDS:
             if getattr(args, name) != field_default(name):
                 recipe[name] = getattr(args, name)
+        if args.teacher_model_kind is not None:
+            recipe.pop("teacher_model_name_or_path", None)
+            for name in SELF_DISTILLATION_FIELDS:
+                if name == "teacher_model_kind" or getattr(args, name) != field_default(name):
+                    recipe[name] = getattr(args, name)
+            return yaml.safe_dump(recipe, sort_keys=False).strip()
         teacher_config = self.accelerator.unwrap_model(self.teacher_model).config
         recipe["teacher_model_name_or_path"] = _recipe_model(
             recipe.get("teacher_model_name_or_path") or get_config_model_id(teacher_config), teacher_config

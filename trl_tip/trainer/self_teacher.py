@@ -105,7 +105,7 @@ def check_self_teacher(args, model, teacher_model, peft_config, train_dataset, e
             f"`teacher_model_kind`={kind!r} makes the student its own teacher, but `teacher_model` was passed too. "
             "Drop `teacher_model=` for self-distillation, or unset `teacher_model_kind` to distill from it."
         )
-    if kind == "ema" and (peft_config is not None or is_peft_model(model)):
+    if kind == "ema" and _trains_an_adapter(model, peft_config):
         raise ValueError(
             '`teacher_model_kind="ema"` needs a full-parameter student: with a PEFT adapter, TRL\'s EMA teacher '
             "averages the LoRA factors A and B separately, and their product is not an average of the student. Use "
@@ -119,12 +119,17 @@ def check_self_teacher(args, model, teacher_model, peft_config, train_dataset, e
             check_context_columns(args.teacher_prompt_template, dataset, f"`{name}`" if name != "eval" else "eval")
 
 
+def _trains_an_adapter(model, peft_config) -> bool:
+    """Whether the student trains a PEFT adapter: one is given, or the model passed already carries one."""
+    return peft_config is not None or (not isinstance(model, str) and is_peft_model(model))
+
+
 def frozen_copy_source(args, model, peft_config):
     """What TRL should load as the teacher for `base`/`ema` without PEFT: a copy of the student (the same path, or a
     deep copy of a model built in memory, taken before TRL shards or wraps the student); `None` when no copy is kept
     (`live`, or `base` on a PEFT student)."""
     kind = args.teacher_model_kind
-    if kind == "live" or (kind == "base" and (peft_config is not None or is_peft_model(model))):
+    if kind == "live" or (kind == "base" and _trains_an_adapter(model, peft_config)):
         return None
     if isinstance(model, str):
         return model

@@ -29,6 +29,12 @@ EVAL_LOSS_TOKENS = ("all", "selected")
 PROBLEM_WEIGHTINGS = ("none", "paced")
 # `teacher_model_kind`: TRL SDFTConfig's self teachers.
 TEACHER_MODEL_KINDS = ("base", "live", "ema")
+SELF_DISTILLATION_FIELDS = (
+    "teacher_model_kind",
+    "teacher_prompt_template",
+    "teacher_update_rate",
+    "teacher_sync_steps",
+)
 # `selection_ratio` when unset: the ratio selectors keep half of each rollout, `quadrant` its whole quadrants.
 DEFAULT_RATIO = 0.5
 DEFAULT_QUADRANT_RATIO = 1.0
