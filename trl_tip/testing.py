@@ -107,9 +107,9 @@ def save_tiny_pair(
 ) -> None:
     """
     Writes a tiny random student (hidden size 64) and teacher (128), each with the tiny tokenizer, to
-    `<output_dir>/student` and `<output_dir>/teacher`, and `num_prompts` prompts to `<output_dir>/prompts.jsonl`: what
-    `trl-tip tiny-models` writes. The vocab sizes (default: the tokenizer's length) pad the heads past the tokenizer,
-    e.g. by different amounts, like Qwen2.5-1.5B's and Qwen2.5-14B's heads.
+    `<output_dir>/student` and `<output_dir>/teacher`, and `num_prompts` prompts (with their `solution`) to
+    `<output_dir>/prompts.jsonl`: what `trl-tip tiny-models` writes. The vocab sizes (default: the tokenizer's
+    length) pad the heads past the tokenizer, e.g. by different amounts, like Qwen2.5-1.5B's and Qwen2.5-14B's heads.
     """
     import os
 
@@ -121,4 +121,7 @@ def save_tiny_pair(
         path = os.path.join(output_dir, name)
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
-    tiny_math_dataset(num_prompts).to_json(os.path.join(output_dir, "prompts.jsonl"))
+    # With each problem's answer in `solution`, as `trl-lib/DeepMath-103K` keeps it (a self teacher can read it).
+    prompts = tiny_math_dataset(num_prompts, with_answers=True)
+    prompts = prompts.map(lambda row: {"solution": str(row["answer"])}, remove_columns=["answer"])
+    prompts.to_json(os.path.join(output_dir, "prompts.jsonl"))

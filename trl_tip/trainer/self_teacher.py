@@ -45,15 +45,20 @@ EMA_STATE_FILE = "self_teacher_{rank}.pt"
 
 
 class _DetachedHead:
-    """The student's output embedding as TRL reads a teacher's (`.weight`, `.bias`), detached on every read: the
-    teacher's logits carry no gradient, and a read inside the step sees the weights as they are then."""
+    """The student's output embedding as TRL reads a teacher's (`.weight`, `.bias`), detached on every read (a
+    ZeRO-3 shard excepted, see `weight`): the teacher's logits carry no gradient, and a read inside the step sees the
+    weights as they are then."""
 
     def __init__(self, head: nn.Module):
         self._head = head
 
     @property
     def weight(self) -> torch.Tensor:
-        return self._head.weight.detach()
+        weight = self._head.weight
+        # A ZeRO-3 shard stays the parameter itself: the loss's `maybe_gather_lm_head_ctx` must see DeepSpeed's
+        # attributes to gather it. No gradient reaches it through the teacher's slot: TIP's and TRL's divergence
+        # functions return no gradient for the teacher's head, and the statistics run under no_grad.
+        return weight if hasattr(weight, "ds_status") else weight.detach()
 
     @property
     def bias(self) -> torch.Tensor | None:
