@@ -23,6 +23,7 @@ from ..trainer.privileged_context import teacher_prompt
 from ..trainer.tip_config import TEACHER_MODEL_KINDS
 from ..utils.files import write_text_atomically
 from .model_source import ModelSourceError, hub_model_id, load_causal_lm, model_license, model_name, resolve_model
+from .problems import ANSWER_TEACHER_PROMPT_TEMPLATE
 from .student_layers import compress_layers, default_layers_to_keep
 
 
@@ -129,12 +130,8 @@ def _dataset_problems(name: str, n_train: int, n_eval: int, seed: int):
     return train, held_out
 
 
-# Self-distillation's privileged context: the problem's answer, in TRL's `privileged_context` column.
-ANSWER_CONTEXT = "The correct final answer is {answer}."
-
-
 def _problems(args: DemoArguments):
-    """Training prompts (with the answer as `privileged_context` for self-distillation) and held-out problems."""
+    """Training prompts (with their answers for self-distillation) and held-out problems."""
     from .problems import make_problems, to_dataset
 
     if args.dataset:
@@ -143,12 +140,9 @@ def _problems(args: DemoArguments):
         train = to_dataset(make_problems(args.train_problems, seed=args.seed, steps=(1, 2), digits=1))
         # One-step problems for the held-out check: the 135M teacher already struggles with those.
         held_out = to_dataset(make_problems(args.eval_problems, seed=args.seed + 10_000, steps=1, digits=1))
-    if args.teacher_model_kind is None:
-        return train.select_columns(["prompt"]), held_out
-    with_context = [train, held_out]
-    for i, data in enumerate(with_context):
-        with_context[i] = data.map(lambda row: {"privileged_context": ANSWER_CONTEXT.format(answer=row["answer"])})
-    return with_context[0].select_columns(["prompt", "privileged_context"]), with_context[1]
+    # A self teacher reads each problem's answer (`ANSWER_TEACHER_PROMPT_TEMPLATE`).
+    columns = ["prompt"] if args.teacher_model_kind is None else ["prompt", "answer"]
+    return train.select_columns(columns), held_out
 
 
 def layers_to_keep(args: DemoArguments, depth: int) -> list[int]:
@@ -217,7 +211,7 @@ def evaluate(
 
     teacher_prompts = None
     if args.teacher_model_kind is not None:
-        teacher_prompts = [teacher_prompt(row, TEACHER_PROMPT_TEMPLATE) for row in held_out]
+        teacher_prompts = [teacher_prompt(row, ANSWER_TEACHER_PROMPT_TEMPLATE) for row in held_out]
     prompts = teacher_prompts if privileged else held_out["prompt"]
     rollouts = greedy_rollouts(model, tokenizer, prompts, args.max_new_tokens, desc=f"Evaluating {label}")
     result = {"accuracy": answer_accuracy(rollouts.texts, held_out["answer"]), "examples": rollouts.texts[:3]}
@@ -267,9 +261,6 @@ def run_demo(args: DemoArguments) -> str:
     _move_into_place(staging, final_dir)
     print(_summary(report, final_dir))
     return final_dir
-
-
-TEACHER_PROMPT_TEMPLATE = "{prompt}\n\n{privileged_context}"  # TRL's and TIPConfig's default
 
 
 def _self_teacher_weights(trainer):
@@ -341,6 +332,7 @@ def demo_config(args: DemoArguments, output_dir: str):
         gradient_checkpointing=False,
         seed=args.seed,
         teacher_model_kind=args.teacher_model_kind,
+        **({} if args.teacher_model_kind is None else {"teacher_prompt_template": ANSWER_TEACHER_PROMPT_TEMPLATE}),
     )
 
 

@@ -46,6 +46,8 @@ PRONOUNS = {
 }
 ITEMS = ["apples", "marbles", "stickers", "books", "coins", "pencils", "cookies", "stamps", "shells", "cards"]
 INSTRUCTION = "Answer with the final number only."
+# Self-distillation's teacher prompt in the demo and the study: the problem, then its answer (the `answer` column).
+ANSWER_TEACHER_PROMPT_TEMPLATE = "{prompt}\n\nThe correct final answer is {answer}."
 _INTEGER = re.compile(r"-?\d[\d,]*")
 
 

@@ -24,8 +24,6 @@ GRID_FIELDS = ("rules", "seeds", "output_dir", "keep_models", "threads")
 # ratio, the divergence and the problems' weights move during a run, and a self teacher in place of the grid's teacher
 # (`soft_or:0.5+teacher_model_kind=live`). Every other knob is shared by the whole grid.
 RULE_OPTIONS = (*SCHEDULE_AND_WEIGHTING_FIELDS, "teacher_model_kind", "teacher_update_rate")
-# A self teacher's privileged context in the study: the problem's answer (the demo's wording).
-STUDY_TEACHER_PROMPT_TEMPLATE = "{prompt}\n\nThe correct final answer is {answer}."
 _RUN_ID = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -57,12 +55,14 @@ def study_rule_options(rule: Rule) -> dict:
     """A rule's `TIPConfig` options in the study: PACED reads the study's answers as numbers (its prompts ask for the
     final number only), not as `\\boxed{}`, unless the rule says otherwise; a self teacher (the student told the
     answer, in place of the grid's teacher for training; evaluation still scores against the grid's teacher) reads
-    `STUDY_TEACHER_PROMPT_TEMPLATE`."""
+    the demo's `ANSWER_TEACHER_PROMPT_TEMPLATE` (the problem, then its answer)."""
     options = rule.config_options()
     if options.get("problem_weighting") == "paced":
         options.setdefault("paced_answer_format", "number")
     if "teacher_model_kind" in options:
-        options["teacher_prompt_template"] = STUDY_TEACHER_PROMPT_TEMPLATE
+        from ..demo.problems import ANSWER_TEACHER_PROMPT_TEMPLATE
+
+        options["teacher_prompt_template"] = ANSWER_TEACHER_PROMPT_TEMPLATE
     return options
 
 

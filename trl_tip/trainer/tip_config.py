@@ -717,9 +717,7 @@ class TIPConfig(DistillationConfig):
                     "unset `teacher_model_kind` to distill from that separate teacher."
                 )
         check_teacher_prompt_template(self.teacher_prompt_template)
-        rate = self.teacher_update_rate
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 < rate <= 1.0:
-            raise ValueError(f"`teacher_update_rate` must be a number in (0, 1]; got {rate!r}.")
+        self.teacher_update_rate = check_ratio("teacher_update_rate", self.teacher_update_rate)
         steps = self.teacher_sync_steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"`teacher_sync_steps` must be a positive integer; got {steps!r}.")
