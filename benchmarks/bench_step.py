@@ -164,8 +164,8 @@ class Pair:
             self.teacher = tiny_causal_lm(self.tokenizer, hidden_size=128, num_layers=2, seed=1).to(self.device)
             self.dtype = torch.float32
         elif name == "smollm2":
-            from trl_tip.demo.model_source import load_causal_lm, smollm2_path
-            from trl_tip.demo.student_layers import compress_layers, default_layers_to_keep
+            from trl_tip.models import load_causal_lm, smollm2_path
+            from trl_tip.pair.student_layers import compress_layers, default_layers_to_keep
 
             path = str(smollm2_path())
             dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16

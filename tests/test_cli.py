@@ -10,7 +10,7 @@ from trl_tip.cli import main as cli_main
 from trl_tip.cli import parse_tiny_models_args
 from trl_tip.demo.command import DemoArguments
 from trl_tip.demo.command import parse_args as parse_demo
-from trl_tip.eval.benchmarks import parse_args as parse_eval
+from trl_tip.eval.harness import parse_args as parse_eval
 from trl_tip.hub.push import parse_args as parse_push
 from trl_tip.study import parse_args as parse_study
 

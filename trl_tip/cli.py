@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
 
         run(rest, prog="trl-tip train")
     elif command == "eval":
-        from .eval.benchmarks import main as eval_main
+        from .eval.harness import main as eval_main
 
         eval_main(rest)
     elif command == "push":

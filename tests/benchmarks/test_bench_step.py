@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 REPO = Path(__file__).resolve().parents[2]
 SUMMARY_KEYS = {
@@ -26,6 +28,7 @@ SUMMARY_KEYS = {
 CASES = ["trl", "tip_all", "tip_soft_or_50", "tip_q3_10", "gkd"]
 
 
+@pytest.mark.slow
 def test_tiny_pair_end_to_end(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "bench_step.py"), "--pair", "tiny", "--device", "cpu"]

@@ -4,10 +4,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_teacher_entropy_report_on_a_tiny_pair(tiny_models):
     command = [sys.executable, str(REPO / "benchmarks" / "teacher_entropy.py")]
     command += ["--teacher", str(tiny_models / "teacher"), "--student", str(tiny_models / "student")]

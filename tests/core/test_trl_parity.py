@@ -169,7 +169,7 @@ def test_math_modules_stand_alone_without_the_trainer():
     import sys
 
     code = (
-        "import sys, trl_tip.stats, trl_tip.selectors, trl_tip.quadrants, trl_tip.loss, trl_tip\n"
+        "import sys, trl_tip.core.stats, trl_tip.core.selectors, trl_tip.core.quadrants, trl_tip.core.loss, trl_tip\n"
         "banned = ('trl_tip.trainer', 'trl_tip.config', 'trl.trainer.distillation_trainer')\n"
         "loaded = [m for m in banned if m in sys.modules]\n"
         "assert not loaded, loaded\n"

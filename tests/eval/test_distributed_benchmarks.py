@@ -15,6 +15,8 @@ from trl_tip.utils.files import read_jsonl
 
 
 HERE = Path(__file__).parent
+# 2-process `accelerate launch` runs: the quick tier (`-m "not slow"`) leaves them out.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,7 @@ def launch_two_processes(output_dir: Path, benchmark: Path, accelerate_config: s
     accelerate = shutil.which("accelerate") or "accelerate"
     config = paths.ROOT / "recipes" / "accelerate" / accelerate_config
     command = [accelerate, "launch", "--config_file", str(config), "--main_process_port", "0"]
-    command += [str(HERE / "benchmark_run.py"), str(output_dir), str(benchmark)]
+    command += [str(HERE / "scripts" / "benchmark_run.py"), str(output_dir), str(benchmark)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]

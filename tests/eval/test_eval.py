@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from trl_tip.eval.benchmarks import (
+from trl_tip.eval.harness import (
     BENCHMARKS,
     EvalArguments,
     chat_messages,
@@ -223,6 +223,7 @@ def _run_eval(smollm2_dir, shared_data, out, backend):
     return summary, rows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["transformers", "vllm"])
 def test_smollm2_on_8_gsm8k_problems(smollm2_dir, shared_data, tmp_path, backend):
     if backend == "vllm":

@@ -5,8 +5,8 @@ import math
 import paths
 import pytest
 
-from trl_tip.eval.benchmarks import score_results_file
 from trl_tip.eval.grading import answers_match, extract_answer, grade, gsm8k_reference, last_boxed, score_samples
+from trl_tip.eval.harness import score_results_file
 from trl_tip.utils.files import read_jsonl
 
 

@@ -105,13 +105,14 @@ def push(run_dir, hub, tmp_path, *extra, token=TOKEN):
 
 def read_back(hub, tmp_path, model_id, stats_id, revision=None) -> dict:
     done = run(
-        [str(HERE / "hub_read_back.py"), model_id, stats_id, *([revision] if revision else [])],
+        [str(HERE / "scripts" / "hub_read_back.py"), model_id, stats_id, *([revision] if revision else [])],
         hub_env(hub, tmp_path / "reader"),
     )
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_push_a_finished_run_and_read_it_back(tiny_run, tmp_path):
     with HubServer(tmp_path / "hub", TOKEN) as hub:
         done = push(tiny_run, hub, tmp_path, "--model-id", "tiny-tip-student", "--private")
@@ -155,6 +156,7 @@ def test_push_a_finished_run_and_read_it_back(tiny_run, tmp_path):
     assert not any(TOKEN.encode() in content for content in [*pushed.values(), *stats_files.values()])
 
 
+@pytest.mark.slow
 def test_a_failed_commit_leaves_the_run_intact_and_a_rerun_completes_it(tiny_run, tmp_path):
     with HubServer(tmp_path / "clean", TOKEN) as clean:
         assert push(tiny_run, clean, tmp_path, "--model-id", "tiny").returncode == 0
@@ -175,6 +177,7 @@ def test_a_failed_commit_leaves_the_run_intact_and_a_rerun_completes_it(tiny_run
         assert hub.files("dataset", "tester/tiny-tip-stats") == expected_stats
 
 
+@pytest.mark.slow
 def test_a_single_server_error_is_retried_within_the_push(tiny_run, tmp_path):
     with HubServer(tmp_path / "hub", TOKEN) as hub:
         hub.fail("POST", "/commit/", status=503, times=1)
@@ -185,6 +188,7 @@ def test_a_single_server_error_is_retried_within_the_push(tiny_run, tmp_path):
         assert "retry 1 of 4" in done.stderr
 
 
+@pytest.mark.slow
 def test_push_to_a_branch(tiny_run, tmp_path):
     with HubServer(tmp_path / "hub", TOKEN) as hub:
         done = push(tiny_run, hub, tmp_path, "--model-id", "tiny", "--stats-id", "stats", "--revision", "v1")
@@ -194,6 +198,7 @@ def test_push_to_a_branch(tiny_run, tmp_path):
         assert set(hub.files("model", "tester/tiny", "main")) == {".gitattributes"}
 
 
+@pytest.mark.slow
 def test_no_token_fails_before_anything_is_sent(tiny_run, tmp_path):
     with HubServer(tmp_path / "hub", TOKEN) as hub:
         done = push(tiny_run, hub, tmp_path, "--model-id", "tiny", token=None)
@@ -232,6 +237,7 @@ def test_trainer_refuses_push_to_hub_without_a_token_before_training(tmp_path, m
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_push_refuses_a_folder_that_is_not_a_run(tmp_path):
     (tmp_path / "empty").mkdir()
     with HubServer(tmp_path / "hub", TOKEN) as hub:
@@ -240,9 +246,13 @@ def test_push_refuses_a_folder_that_is_not_a_run(tmp_path):
         assert "config.json" in done.stderr and "tip_stats/tracker.json" in done.stderr
 
 
+@pytest.mark.slow
 def test_trainer_push_to_hub_pushes_the_student_and_the_statistics(tmp_path):
     with HubServer(tmp_path / "hub", TOKEN) as hub:
-        done = run([str(HERE / "hub_train_push.py"), str(tmp_path / "run"), "tiny-trained"], hub_env(hub, tmp_path))
+        done = run(
+            [str(HERE / "scripts" / "hub_train_push.py"), str(tmp_path / "run"), "tiny-trained"],
+            hub_env(hub, tmp_path),
+        )
         assert done.returncode == 0, done.stderr[-4000:]
         assert "PUSHED tester/tiny-trained tester/tiny-trained-tip-stats" in done.stdout
         model = hub.files("model", "tester/tiny-trained")
@@ -256,10 +266,12 @@ def test_trainer_push_to_hub_pushes_the_student_and_the_statistics(tmp_path):
     assert TOKEN not in done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_trainer_push_to_hub_to_a_branch(tmp_path):
     with HubServer(tmp_path / "hub", TOKEN) as hub:
         done = run(
-            [str(HERE / "hub_train_push.py"), str(tmp_path / "run"), "tiny-branch", "v1"], hub_env(hub, tmp_path)
+            [str(HERE / "scripts" / "hub_train_push.py"), str(tmp_path / "run"), "tiny-branch", "v1"],
+            hub_env(hub, tmp_path),
         )
         assert done.returncode == 0, done.stderr[-4000:]
         assert {"model.safetensors", "README.md"} <= set(hub.files("model", "tester/tiny-branch", "v1"))

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from trl_tip.cli import main as cli_main
@@ -221,12 +222,12 @@ def test_summary_mean_and_standard_error_match_a_hand_computation(tmp_path):
     ],
 )
 def test_bad_grid_fails_before_any_model_is_loaded(argv, message, tmp_path, monkeypatch, capsys):
-    import trl_tip.demo.command as demo_command
+    import trl_tip.pair.loading as pair_loading
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(demo_command, "load_models", no_loading)
+    monkeypatch.setattr(pair_loading, "load_models", no_loading)
     out = tmp_path / "study"
     with pytest.raises(ValueError, match=message):
         parse_args([*argv, "--output-dir", str(out)])
@@ -237,9 +238,9 @@ def test_bad_grid_fails_before_any_model_is_loaded(argv, message, tmp_path, monk
 
 
 def test_empty_or_malformed_grid_names_the_option(tmp_path, monkeypatch, capsys):
-    import trl_tip.demo.command as demo_command
+    import trl_tip.pair.loading as pair_loading
 
-    monkeypatch.setattr(demo_command, "load_models", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(pair_loading, "load_models", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(ValueError, match="--rules is empty"):
         StudyArguments(rules=[])
     with pytest.raises(ValueError, match="--seeds is empty"):
@@ -313,9 +314,9 @@ def test_malformed_rule_options_are_refused_naming_rules(text, message):
 
 
 def test_rule_options_are_checked_against_the_grids_knobs_before_any_run(tmp_path, monkeypatch):
-    import trl_tip.demo.command as demo_command
+    import trl_tip.pair.loading as pair_loading
 
-    monkeypatch.setattr(demo_command, "load_models", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(pair_loading, "load_models", lambda *a, **k: pytest.fail("a model was loaded"))
     out = tmp_path / "study"
     # PACED grades a problem by the share of its rollouts that are right: one rollout per prompt cannot.
     with pytest.raises(ValueError) as error:
@@ -339,7 +340,7 @@ def test_rule_options_are_checked_against_the_grids_knobs_before_any_run(tmp_pat
 
 
 def test_a_folder_with_other_settings_is_refused_before_loading(tiny_models, tmp_path, monkeypatch):
-    import trl_tip.demo.command as demo_command
+    import trl_tip.pair.loading as pair_loading
 
     folder = tmp_path / "study"
     folder.mkdir()
@@ -353,13 +354,13 @@ def test_a_folder_with_other_settings_is_refused_before_loading(tiny_models, tmp
         raise Loading
 
     # Nothing was computed under the old settings (say a first attempt named a wrong model): the new ones apply.
-    monkeypatch.setattr(demo_command, "load_models", loading)
+    monkeypatch.setattr(pair_loading, "load_models", loading)
     with pytest.raises(Loading):
         run_study(args)
     assert json.loads((folder / "study.json").read_text())["settings"]["steps"] == 2
     # Once something was computed, other settings are refused before any model loads.
     (folder / "baselines.json").write_text("{}")
-    monkeypatch.setattr(demo_command, "load_models", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(pair_loading, "load_models", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(ValueError, match="holds a study with other settings.*steps: 2 there, 3 now"):
         run_study(quick_args(tiny_models, folder, steps=3))
 
@@ -401,7 +402,7 @@ def test_default_grid_yaml_flags_and_help(capsys):
 
 
 def test_keep_models_saves_each_student(tiny_models, tmp_path):
-    from trl_tip.demo.model_source import load_causal_lm
+    from trl_tip.models import load_causal_lm
 
     args = quick_args(tiny_models, tmp_path / "kept", rules=("random:0.5",))
     args.keep_models = True
@@ -411,22 +412,32 @@ def test_keep_models_saves_each_student(tiny_models, tmp_path):
     shutil.rmtree(tmp_path / "kept")
 
 
-def test_held_out_kls_match_the_demo_and_cached_teacher_states_change_nothing(tiny_models):
-    from trl_tip.demo.heldout import greedy_rollouts, mean_reverse_kl
-    from trl_tip.demo.model_source import load_causal_lm
-    from trl_tip.study.evaluation import completion_states, mean_token_kls
+def test_held_out_kls_match_a_float64_reference_and_cached_teacher_states_change_nothing(tiny_models):
+    from trl_tip.models import load_causal_lm
+    from trl_tip.pair.scoring import completion_states, greedy_rollouts, token_kls
 
     teacher, tokenizer = load_causal_lm(str(tiny_models / "teacher"))
     student, _ = load_causal_lm(str(tiny_models / "student"))
     prompts = [[{"role": "user", "content": f"What is {i} plus {i + 2}?"}] for i in range(5)]
     rollouts = greedy_rollouts(teacher, tokenizer, prompts, 6, batch_size=2)
-    kls = mean_token_kls(student, teacher, tokenizer, rollouts, batch_size=2)
-    assert kls["reverse_kl"] == pytest.approx(mean_reverse_kl(student, teacher, tokenizer, rollouts, batch_size=2))
-    assert kls["forward_kl"] > 0
+    kls = token_kls(student, teacher, tokenizer, rollouts, batch_size=2)
+    # Reference: each rollout alone (no padding, no batching), full logits in float64.
+    reverse = forward = count = 0.0
+    with torch.no_grad():
+        for p, c in zip(rollouts.prompt_ids, rollouts.completion_ids):
+            ids = torch.cat([p, c])[None]
+            span = slice(len(p) - 1, len(p) - 1 + len(c))
+            log_s = student(ids).logits[0, span].double().log_softmax(-1)
+            log_t = teacher(ids).logits[0, span].double().log_softmax(-1)
+            reverse += float((log_s.exp() * (log_s - log_t)).sum())
+            forward += float((log_t.exp() * (log_t - log_s)).sum())
+            count += len(c)
+    assert kls["reverse_kl"] == pytest.approx(reverse / count, rel=1e-4)
+    assert kls["forward_kl"] == pytest.approx(forward / count, rel=1e-4) and kls["forward_kl"] > 0
     states = completion_states(teacher, tokenizer, rollouts, batch_size=2)
     assert [len(s) for s in states] == [len(c) for c in rollouts.completion_ids]
-    assert mean_token_kls(student, teacher, tokenizer, rollouts, batch_size=2, teacher_states=states) == kls
-    same = mean_token_kls(teacher, teacher, tokenizer, rollouts, batch_size=2, teacher_states=states)
+    assert token_kls(student, teacher, tokenizer, rollouts, batch_size=2, teacher_states=states) == kls
+    same = token_kls(teacher, teacher, tokenizer, rollouts, batch_size=2, teacher_states=states)
     assert same["reverse_kl"] == pytest.approx(0.0, abs=1e-6) and same["forward_kl"] == pytest.approx(0.0, abs=1e-6)
 
 

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from trl_tip import TIPConfig
-from trl_tip.train import load_prompt_dataset, make_parser, run
+from trl_tip.data import load_prompt_dataset
+from trl_tip.train import make_parser, run
 
 
 ROOT = paths.ROOT

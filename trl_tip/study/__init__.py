@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     """`trl-tip study ...`: errors in the arguments or the folder exit with one line naming the option."""
     import sys
 
-    from ..demo.model_source import ModelSourceError
+    from ..models import ModelSourceError
 
     try:
         args = parse_args(argv)

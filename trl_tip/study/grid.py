@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 from ..core.schedules import SCHEDULE_AND_WEIGHTING_FIELDS, BetaSchedule, short_number
 from ..core.selectors import SELECTION_SCOPES, SELECTORS
+from ..pair.arguments import PairArguments, check_positive_int
 
 
 # `quadrant` keeps named quadrants, not a ratio of tokens, so it has no place on a ratio grid.
@@ -60,7 +61,7 @@ def study_rule_options(rule: Rule) -> dict:
     if options.get("problem_weighting") == "paced":
         options.setdefault("paced_answer_format", "number")
     if "teacher_model_kind" in options:
-        from ..demo.problems import ANSWER_TEACHER_PROMPT_TEMPLATE
+        from ..pair.problems import ANSWER_TEACHER_PROMPT_TEMPLATE
 
         options["teacher_prompt_template"] = ANSWER_TEACHER_PROMPT_TEMPLATE
     return options
@@ -149,8 +150,9 @@ def parse_seeds(value) -> list[int]:
 
 
 @dataclass
-class StudyArguments:
-    """Arguments of `trl-tip study` (each field is a `--flag`, with `_` or `-`, and a key of a `--config` YAML)."""
+class StudyArguments(PairArguments):
+    """Arguments of `trl-tip study` (each field is a `--flag`, with `_` or `-`, and a key of a `--config` YAML): the
+    embedded pair's (`PairArguments`), the grid, and the knobs every run of the grid shares."""
 
     rules: list[str] = field(
         default_factory=lambda: list(DEFAULT_RULES),
@@ -169,23 +171,6 @@ class StudyArguments:
             "the training prompts, the rollout sampling and the selection generator; the held-out set is shared."
         },
     )
-    teacher: str = field(
-        default="smollm2", metadata={"help": "Teacher: 'smollm2' (the embedded default), a folder or a Hub id."}
-    )
-    student: str | None = field(
-        default=None, metadata={"help": "Student folder or Hub id; default: the teacher with layers removed."}
-    )
-    student_layers: int = field(
-        default=26, metadata={"help": "Decoder layers the compressed student keeps (a middle block is dropped)."}
-    )
-    drop_layers: str | None = field(
-        default=None, metadata={"help": "Comma-separated teacher layer indices to drop instead, e.g. '13,14,15,16'."}
-    )
-    dataset: str | None = field(
-        default=None,
-        metadata={"help": "Use a dataset (Hub id or .jsonl with question/answer) instead of generated problems."},
-    )
-    train_problems: int = field(default=512, metadata={"help": "Training prompts (the same pool for every run)."})
     eval_problems: int = field(
         default=96, metadata={"help": "Held-out problems, the same for every run (one-step arithmetic by default)."}
     )
@@ -196,14 +181,9 @@ class StudyArguments:
         },
     )
     steps: int = field(default=10, metadata={"help": "Optimizer steps per run."})
-    batch_size: int = field(default=8, metadata={"help": "Rollouts per optimizer step."})
     num_rollouts_per_prompt: int = field(
         default=1, metadata={"help": "Rollouts sampled per prompt; must divide --batch-size."}
     )
-    max_new_tokens: int = field(
-        default=32, metadata={"help": "Longest rollout during training and longest greedy completion at evaluation."}
-    )
-    learning_rate: float = field(default=5e-5, metadata={"help": "AdamW learning rate."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule (transformers name)."})
     beta: float = field(default=1.0, metadata={"help": "Loss: 1 reverse KL (the paper), 0 forward KL, else GJSD."})
     temperature: float = field(default=1.0, metadata={"help": "Rollout sampling and loss temperature."})
@@ -232,17 +212,7 @@ class StudyArguments:
     )
 
     def __post_init__(self):
-        # YAML and Python callers bypass argparse's type conversion: coerce numbers written as strings.
-        for f in fields(self):
-            value = getattr(self, f.name)
-            kind = str(f.type)
-            if isinstance(value, str) and kind in ("int", "float", "int | None", "float | None"):
-                try:
-                    setattr(self, f.name, int(value) if kind.startswith("int") else float(value))
-                except ValueError:
-                    raise ValueError(f"--{f.name.replace('_', '-')} must be a number; got {value!r}.") from None
-            elif isinstance(value, str) and kind == "bool":
-                setattr(self, f.name, value.strip().lower() in ("1", "true", "yes"))
+        super().__post_init__()
         if isinstance(self.rules, str):
             self.rules = self.rules.split()
         if not self.rules:
@@ -253,12 +223,8 @@ class StudyArguments:
             raise ValueError(f"--rules lists a rule twice: {labels}.")
         self.rules = labels
         self.seeds = parse_seeds(self.seeds)
-        for name in ("train_problems", "eval_problems", "steps", "batch_size", "num_rollouts_per_prompt"):
-            _positive_int(name, getattr(self, name))
-        for name in ("max_new_tokens", "eval_batch_size", "student_layers"):
-            _positive_int(name, getattr(self, name))
-        if self.eval_problems < 2:
-            raise ValueError(f"--eval-problems must be at least 2; got {self.eval_problems}.")
+        for name in ("num_rollouts_per_prompt", "eval_batch_size"):
+            check_positive_int(name, getattr(self, name))
         if self.batch_size % self.num_rollouts_per_prompt:
             raise ValueError(
                 f"--num-rollouts-per-prompt ({self.num_rollouts_per_prompt}) must divide --batch-size "
@@ -266,8 +232,6 @@ class StudyArguments:
             )
         if isinstance(self.problem_seed, bool) or not isinstance(self.problem_seed, int) or self.problem_seed < 0:
             raise ValueError(f"--problem-seed must be a non-negative integer; got {self.problem_seed!r}.")
-        if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
-            raise ValueError(f"--learning-rate must be a positive number; got {self.learning_rate!r}.")
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"--beta must be in [0, 1] (0 forward KL, 1 reverse KL); got {self.beta!r}.")
         if not self.temperature > 0:
@@ -277,7 +241,7 @@ class StudyArguments:
                 f"--selection-scope must be one of {', '.join(SELECTION_SCOPES)}; got {self.selection_scope!r}."
             )
         if self.threads is not None:
-            _positive_int("threads", self.threads)
+            check_positive_int("threads", self.threads)
         # Last: a rule's options are checked with the grid's knobs, which must be valid themselves first.
         for rule in parsed:
             self._check_rule_options(rule)
@@ -312,11 +276,6 @@ class StudyArguments:
     def settings(self) -> dict:
         """Every knob the runs share (all fields but the grid and where it goes): a study folder's runs all match."""
         return {k: v for k, v in asdict(self).items() if k not in GRID_FIELDS}
-
-
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"--{name.replace('_', '-')} must be a positive integer; got {value!r}.")
 
 
 def make_parser():

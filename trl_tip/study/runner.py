@@ -127,21 +127,14 @@ class StudyContext:
     last hidden states on them) are computed by the first process that needs them and reused by every later one."""
 
     def __init__(self, args: StudyArguments, folder: Path):
-        from ..demo.command import DemoArguments, load_models, public_model_names
-        from .evaluation import completion_states, compute_baselines, rollouts_from_json, study_problems
+        from ..pair.loading import load_models, public_model_names
+        from ..pair.scoring import completion_states
+        from .evaluation import compute_baselines, rollouts_from_json, study_problems
 
         self.args = args
-        demo_args = DemoArguments(
-            teacher=args.teacher,
-            student=args.student,
-            student_layers=args.student_layers,
-            drop_layers=args.drop_layers,
-            dataset=args.dataset,
-            max_new_tokens=args.max_new_tokens,
-        )
-        self.teacher, self.student, self.tokenizer, _, _ = load_models(demo_args)
+        self.teacher, self.student, self.tokenizer, _, _ = load_models(args)
         # Results and summaries are shared: models by name (Hub id, or a local folder's base name), never by path.
-        self.teacher_name, self.student_name = public_model_names(demo_args, self.teacher.config.num_hidden_layers)
+        self.teacher_name, self.student_name = public_model_names(args, self.teacher.config.num_hidden_layers)
         self.train_set, self.held_out = study_problems(args)
         path, states_path = folder / "baselines.json", folder / "teacher_states.pt"
         baselines = _read_json(path)

@@ -33,7 +33,7 @@ def evaluate_benchmarks(trainer) -> list[dict]:
     from accelerate.utils import broadcast_object_list
     from trl.models.utils import unwrap_model_for_generation
 
-    from ..eval.benchmarks import benchmark_label, evaluate
+    from ..eval.harness import benchmark_label, evaluate
 
     accelerator = trainer.accelerator
     results = []

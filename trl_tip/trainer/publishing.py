@@ -22,9 +22,9 @@ class PublishingMixin:
         """
         if not self.is_world_process_zero():
             return
-        from ..demo.model_source import hub_model_id, model_license
         from ..hub.model_card import write_student_card
         from ..hub.plots import plot_quadrants
+        from ..models import hub_model_id, model_license
 
         output_dir = self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
@@ -198,7 +198,7 @@ class PublishingMixin:
 def _model_label(config) -> str:
     """How the card names a model: by `model_name` (a Hub id, or a local folder's base name marked as local, never
     its path), or by its architecture when it was built in memory and has neither."""
-    from ..demo.model_source import model_name
+    from ..models import model_name
 
     model_id = get_config_model_id(config)
     return model_name(model_id) if model_id else f"{config.model_type} model built in memory"

@@ -662,7 +662,7 @@ class TIPConfig(DistillationConfig):
 
     def benchmark_arguments(self, benchmark: str, output_dir: str | None = None):
         """The `trl-tip eval` settings for one of `benchmarks`; raises ValueError naming the bad field."""
-        from ..eval.benchmarks import BENCHMARKS, EvalArguments
+        from ..eval.harness import BENCHMARKS, EvalArguments
 
         if benchmark not in BENCHMARKS and not os.path.isfile(benchmark):
             raise ValueError(

@@ -22,7 +22,7 @@ from .loss_routing import check_routed, routed_to
 from .problem_weighting import ROLLOUT_WEIGHTS_KEY, ProblemWeightingMixin, check_problem_weighting
 from .publishing import PublishingMixin
 from .rollouts import RolloutMixin, rollout_loss_mask
-from .schedules import ScheduleMixin
+from .scheduling import ScheduleMixin
 from .self_teacher import (
     SelfTeacherMixin,
     check_self_teacher,

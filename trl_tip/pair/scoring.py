@@ -1,4 +1,5 @@
-"""Held-out evaluation of the demo: greedy answer accuracy and the student's per-token reverse KL to the teacher."""
+"""Held-out scoring of the embedded pair: greedy completions, answer accuracy, and the per-token reverse and forward KL
+between student and teacher on given completions (one scorer for the demo and the study)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.stats import compute_token_stats
-from ..eval.benchmarks import end_after_eos
 from ..eval.grading import grade
+from ..eval.harness import end_after_eos
 
 
 @dataclass
@@ -99,7 +100,37 @@ def completion_batches(rollouts: Rollouts, batch_size: int, pad: int):
 
 
 @torch.no_grad()
-def mean_reverse_kl(
+def completion_states(model, tokenizer, rollouts: Rollouts, batch_size: int = 16, desc: str = "States") -> list:
+    """Per rollout, the model's last hidden states `(len(completion), H)` that predict its completion tokens.
+
+    The teacher's states on its own completions are the same for every run of a study: it computes them once and
+    `token_kls(..., teacher_states=...)` reuses them, batched exactly as they were computed."""
+    model.eval()
+    states = []
+    batches = completion_batches(rollouts, batch_size, tokenizer.pad_token_id)
+    for _, ids, attention, completion_mask, span in tqdm(
+        batches, desc=desc, unit="batch", total=_num_batches(rollouts, batch_size)
+    ):
+        hidden = last_hidden(model, ids, attention)[:, span]
+        states += [h[: int(n)].clone() for h, n in zip(hidden, completion_mask.sum(-1))]
+    return states
+
+
+def _num_batches(rollouts: Rollouts, batch_size: int) -> int:
+    return math.ceil(len(rollouts.prompt_ids) / batch_size)
+
+
+def _with_prompts(tokenizer, rollouts: Rollouts, prompts: list) -> Rollouts:
+    """The same completions after other prompts (one per rollout, chat template applied here)."""
+    prompt_ids = [
+        torch.tensor(tokenizer.apply_chat_template(p, add_generation_prompt=True, return_dict=True)["input_ids"])
+        for p in prompts
+    ]
+    return Rollouts(prompt_ids, rollouts.completion_ids, rollouts.texts)
+
+
+@torch.no_grad()
+def token_kls(
     student,
     teacher,
     tokenizer,
@@ -107,27 +138,51 @@ def mean_reverse_kl(
     batch_size: int = 16,
     temperature: float = 1.0,
     teacher_prompts: list | None = None,
-) -> float:
-    """Mean over completion tokens of KL(student || teacher), on the given (student) rollouts; with
-    `teacher_prompts` (one per rollout, chat template applied here) the teacher reads those before the same
-    completions (self-distillation's privileged context)."""
-    total, count = 0.0, 0
-    teacher_rollouts = rollouts
-    if teacher_prompts is not None:
-        prompt_ids = [
-            torch.tensor(tokenizer.apply_chat_template(p, add_generation_prompt=True, return_dict=True)["input_ids"])
-            for p in teacher_prompts
-        ]
-        teacher_rollouts = Rollouts(prompt_ids, rollouts.completion_ids, rollouts.texts)
+    teacher_states: list | None = None,
+    desc: str = "Scoring KL",
+) -> dict:
+    """Mean over the rollouts' completion tokens of KL(student || teacher) (`reverse_kl`) and KL(teacher || student)
+    (`forward_kl`), in nats, scored in one pass, with each one's standard error over the rollouts
+    (`reverse_kl_heldout_se`, `forward_kl_heldout_se`: how much it would move with another held-out draw).
+
+    `teacher_prompts` (one per rollout) makes the teacher read those before the same completions (self-distillation's
+    privileged context); `teacher_states` (from `completion_states` with the same batch size) replaces the teacher's
+    forward pass."""
+    student.eval()
+    teacher.eval()
+    teacher_rollouts = rollouts if teacher_prompts is None else _with_prompts(tokenizer, rollouts, teacher_prompts)
     pad = tokenizer.pad_token_id
     batches = zip(completion_batches(rollouts, batch_size, pad), completion_batches(teacher_rollouts, batch_size, pad))
-    total_batches = math.ceil(len(rollouts.prompt_ids) / batch_size)
-    for (_, ids, attention, completion_mask, span), (_, t_ids, t_attention, _, t_span) in tqdm(
-        batches, desc="Scoring KL", unit="batch", total=total_batches
+    reverse, forward, count = [], [], []
+    for (start, ids, attention, completion_mask, span), (_, t_ids, t_attention, _, t_span) in tqdm(
+        batches, desc=desc, unit="batch", total=_num_batches(rollouts, batch_size)
     ):
         h_s = last_hidden(student, ids, attention)[:, span]
-        h_t = last_hidden(teacher, t_ids, t_attention)[:, t_span]
+        if teacher_states is None:
+            h_t = last_hidden(teacher, t_ids, t_attention)[:, t_span]
+        else:
+            h_t = torch.zeros(h_s.shape[:2] + (teacher_states[start].shape[-1],), dtype=teacher_states[start].dtype)
+            for i, state in enumerate(teacher_states[start : start + len(ids)]):
+                h_t[i, : len(state)] = state
         stats = completion_stats(student, teacher, h_s, h_t, completion_mask, temperature)
-        total += float(stats.reverse_kl.sum())
-        count += stats.num_valid
-    return total / count if count else 0.0
+        reverse += stats.reverse_kl.sum(-1).tolist()
+        forward += stats.forward_kl.sum(-1).tolist()
+        count += completion_mask.sum(-1).tolist()
+    total = sum(count)
+    return {
+        "reverse_kl": sum(reverse) / total if total else 0.0,
+        "forward_kl": sum(forward) / total if total else 0.0,
+        "reverse_kl_heldout_se": ratio_se(reverse, count),
+        "forward_kl_heldout_se": ratio_se(forward, count),
+    }
+
+
+def ratio_se(sums: list[float], counts: list[int]) -> float:
+    """Standard error, over the held-out prompts, of a per-token mean `sum(sums) / sum(counts)` (ratio estimator):
+    how much the metric would move with another held-out draw of the same size, whatever the training did."""
+    n, total = len(sums), sum(counts)
+    if n < 2 or not total:
+        return 0.0
+    mean = sum(sums) / total
+    residual = sum((s - mean * c) ** 2 for s, c in zip(sums, counts)) / (n - 1)
+    return math.sqrt(residual / n) / (total / n)

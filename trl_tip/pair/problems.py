@@ -1,4 +1,5 @@
-"""Grade-school arithmetic word problems with exact integer answers, generated procedurally (no third-party text).
+"""The embedded pair's problems: grade-school arithmetic word problems with exact integer answers, generated
+procedurally (no third-party text), or a dataset's rows with integer answers.
 
 Each problem starts from a quantity and applies `steps` operations, each phrased as a sentence; the answer is the
 final quantity. `digits` bounds the operands. The result is a `datasets.Dataset` in TRL's conversational prompt
@@ -135,3 +136,40 @@ def extract_integer(text: str) -> int | None:
         return int(matches[-1].replace(",", ""))
     except ValueError:
         return None
+
+
+def pair_problems(args, seed: int, drop_held_out_from_train: bool = True):
+    """(training prompts with their `answer`, held-out problems) for the embedded pair's `args` (`PairArguments`).
+
+    Generated problems: training ones of 1-2 steps drawn with `seed`, held-out ones of one step (which the 135M
+    teacher gets right a third of the time) drawn with `seed + 10_000`; `drop_held_out_from_train` removes held-out
+    questions from the training pool (the study does; the demo's published runs did not). With `args.dataset`, rows
+    with an integer answer (GSM8K's `#### n` included), shuffled with `seed`: the first `eval_problems` are held out,
+    the next `train_problems` train."""
+    if args.dataset:
+        return _dataset_problems(args.dataset, args.train_problems, args.eval_problems, seed)
+    held_out = make_problems(args.eval_problems, seed=seed + 10_000, steps=1, digits=1)
+    train = make_problems(args.train_problems, seed=seed, steps=(1, 2), digits=1)
+    if drop_held_out_from_train:
+        seen = {p.question for p in held_out}
+        train = [p for p in train if p.question not in seen] or train
+    return to_dataset(train).select_columns(["prompt", "answer"]), to_dataset(held_out)
+
+
+def _dataset_problems(name: str, n_train: int, n_eval: int, seed: int):
+    from ..data import load_prompt_dataset
+
+    data = load_prompt_dataset(name)["train"].shuffle(seed=seed)
+    if "answer" not in data.column_names:
+        raise ValueError(
+            f"--dataset {name!r} needs an `answer` column for the evaluation; it has {data.column_names}."
+        )
+    data = data.map(lambda row: {"answer": extract_integer(str(row["answer"]).split("####")[-1])})
+    data = data.filter(lambda row: row["answer"] is not None)
+    if data.num_rows < n_eval + 1:
+        raise ValueError(
+            f"--dataset {name!r} has {data.num_rows} usable rows; need more than --eval-problems={n_eval}."
+        )
+    held_out = data.select(range(n_eval))
+    train = data.select(range(n_eval, min(data.num_rows, n_eval + n_train)))
+    return train.select_columns(["prompt", "answer"]), held_out

@@ -462,7 +462,7 @@ def evaluate(args: EvalArguments, model=None, tokenizer=None, accelerator=None) 
     """
     from contextlib import nullcontext
 
-    from ..demo.model_source import load_causal_lm, resolve_model
+    from ..models import load_causal_lm, resolve_model
 
     started = time.time()
     is_main = accelerator is None or accelerator.is_main_process
@@ -554,7 +554,7 @@ def parse_args(argv: list[str] | None = None) -> EvalArguments:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..demo.model_source import ModelSourceError
+    from ..models import ModelSourceError
 
     try:
         summary = evaluate(parse_args(argv))

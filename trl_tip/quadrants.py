@@ -1,8 +1,0 @@
-"""Old import path, kept so user code keeps working: this module is `trl_tip.core.quadrants` under its former name."""
-
-import sys
-
-from .core import quadrants as _moved
-
-
-sys.modules[__name__] = _moved
