@@ -8,16 +8,28 @@ accelerate launch --config_file recipes/accelerate/zero3.yaml -m trl_tip.train -
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, fields
 
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
 from .data import load_prompt_dataset
+from .trainer.benchmark_callback import BenchmarkArguments
+from .utils.recipe_yaml import check_recipe_keys
+
+
+@dataclass
+class TrainScriptArguments(ScriptArguments, BenchmarkArguments):
+    """TRL's script arguments (the dataset) plus the benchmarks run when training ends: a recipe keeps `benchmarks`
+    and the `benchmark_*` keys beside the dataset's, while `TIPConfig` holds only training settings."""
+
+    def benchmark_arguments(self) -> BenchmarkArguments:
+        return BenchmarkArguments(**{f.name: getattr(self, f.name) for f in fields(BenchmarkArguments)})
 
 
 def make_parser(prog: str | None = None) -> TrlParser:
     from .trainer.tip_config import TIPConfig
 
-    return TrlParser((ScriptArguments, TIPConfig, ModelConfig, DatasetMixtureConfig), prog=prog)
+    return TrlParser((TrainScriptArguments, TIPConfig, ModelConfig, DatasetMixtureConfig), prog=prog)
 
 
 def main(script_args, training_args, model_args, dataset_args):
@@ -68,6 +80,7 @@ def main(script_args, training_args, model_args, dataset_args):
         eval_dataset=dataset.get(script_args.dataset_test_split) if training_args.eval_strategy != "no" else None,
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
+        benchmark_args=script_args.benchmark_arguments(),
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
@@ -79,6 +92,7 @@ def main(script_args, training_args, model_args, dataset_args):
 
 def run(argv: list[str] | None = None, prog: str | None = None):
     parser = make_parser(prog=prog)
+    check_recipe_keys(sys.argv[1:] if argv is None else argv)  # TrlParser's YAML read keeps the last of two keys
     script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(args=argv)
     return main(script_args, training_args, model_args, dataset_args)
 

@@ -26,6 +26,7 @@ def make_tiny_run(output_dir: Path, benchmark: Path) -> Path:
     card."""
     from trl_tip import TIPConfig, TIPGKDTrainer
     from trl_tip.testing import tiny_causal_lm, tiny_math_dataset, tiny_tokenizer
+    from trl_tip.trainer.benchmark_callback import BenchmarkArguments
 
     tokenizer = tiny_tokenizer()
     args = TIPConfig(
@@ -41,10 +42,6 @@ def make_tiny_run(output_dir: Path, benchmark: Path) -> Path:
         seed=7,
         token_selector="soft_or",
         selection_ratio=0.5,
-        benchmarks=[str(benchmark)],
-        benchmark_num_samples=2,
-        benchmark_limit=3,
-        benchmark_max_new_tokens=4,
     )
     trainer = TIPGKDTrainer(
         model=tiny_causal_lm(tokenizer, seed=0),
@@ -52,6 +49,9 @@ def make_tiny_run(output_dir: Path, benchmark: Path) -> Path:
         args=args,
         train_dataset=tiny_math_dataset(8),
         processing_class=tokenizer,
+        benchmark_args=BenchmarkArguments(
+            benchmarks=[str(benchmark)], benchmark_num_samples=2, benchmark_limit=3, benchmark_max_new_tokens=4
+        ),
     )
     trainer.train()
     trainer.save_model()

@@ -12,6 +12,7 @@ from trl import DistillationConfig, DistillationTrainer
 
 from trl_tip import QUADRANT_NAMES, SELECTORS, TIPConfig, TIPGKDTrainer
 from trl_tip.testing import tiny_causal_lm, tiny_math_dataset, tiny_tokenizer
+from trl_tip.trainer.benchmark_callback import BenchmarkArguments
 
 
 COMMON = TINY_CPU_RUN
@@ -21,7 +22,15 @@ def models(tokenizer):
     return tiny_causal_lm(tokenizer, seed=0), tiny_causal_lm(tokenizer, hidden_size=128, num_layers=2, seed=1)
 
 
-def make_trainer(tokenizer, tmp_path, dataset=None, trainer_cls=TIPGKDTrainer, config_cls=TIPConfig, **overrides):
+def make_trainer(
+    tokenizer,
+    tmp_path,
+    dataset=None,
+    trainer_cls=TIPGKDTrainer,
+    config_cls=TIPConfig,
+    benchmark_args=None,
+    **overrides,
+):
     student, teacher = models(tokenizer)
     args = config_cls(output_dir=str(tmp_path), **{**COMMON, **overrides})
     return trainer_cls(
@@ -30,6 +39,7 @@ def make_trainer(tokenizer, tmp_path, dataset=None, trainer_cls=TIPGKDTrainer, c
         args=args,
         train_dataset=dataset if dataset is not None else tiny_math_dataset(16),
         processing_class=tokenizer,
+        **({} if benchmark_args is None else {"benchmark_args": benchmark_args}),
     )
 
 
@@ -185,13 +195,23 @@ def test_resume_from_checkpoint_repeats_the_next_selection_and_loss(tokenizer, t
         ({"quadrant_thresholds": "high"}, "`quadrant_thresholds` must be 'median' or 'H,D'"),
         ({"token_selector_kwargs": "{not json"}, "`token_selector_kwargs` must be a JSON object"),
         ({"log_quadrant_stats_every": 0}, "`log_quadrant_stats_every` must be a positive integer"),
-        ({"benchmarks": ["math5000"]}, "`benchmarks` entries must be one of math500, aime24, aime25, amc23, gsm8k"),
-        ({"benchmarks": ["gsm8k"], "benchmark_num_samples": 0}, r"`benchmark_\*` fields\): `k` must be at least 1"),
     ],
 )
 def test_bad_config_fails_at_construction(overrides, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         TIPConfig(output_dir=str(tmp_path), **{**COMMON, **overrides})
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"benchmarks": ["math5000"]}, "`benchmarks` entries must be one of math500, aime24, aime25, amc23, gsm8k"),
+        ({"benchmarks": ["gsm8k"], "benchmark_num_samples": 0}, r"`benchmark_\*` fields\): `k` must be at least 1"),
+    ],
+)
+def test_bad_benchmark_settings_fail_at_construction(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        BenchmarkArguments(**overrides)
 
 
 def test_missing_teacher_and_vocab_mismatch_fail_at_construction(tokenizer, tmp_path):
@@ -275,10 +295,9 @@ def test_benchmarks_run_after_training_and_reach_the_logs_and_the_model_index(
         tokenizer,
         tmp_path,
         max_steps=1,
-        benchmarks=[gsm8k],
-        benchmark_num_samples=2,
-        benchmark_limit=3,
-        benchmark_max_new_tokens=4,
+        benchmark_args=BenchmarkArguments(
+            benchmarks=[gsm8k], benchmark_num_samples=2, benchmark_limit=3, benchmark_max_new_tokens=4
+        ),
     )
     monkeypatch.setattr(tokenizer, "padding_side", "right")  # evaluation pads left and must put it back
     trainer.train()

@@ -22,21 +22,6 @@ from .checks import check_beta, check_choice, check_ratio
 
 
 RATIO_SCHEDULES = ("constant", "linear", "cosine", "adaptive")
-# The `TIPConfig` fields that configure this module (the trainer's recipe YAML and the study's rule options list them).
-SCHEDULE_AND_WEIGHTING_FIELDS = (
-    "selection_ratio_schedule",
-    "selection_ratio_start",
-    "selection_ratio_decay_fraction",
-    "adaptive_ratio_ema_decay",
-    "adaptive_ratio_step",
-    "adaptive_ratio_tolerance",
-    "beta_schedule",
-    "problem_weighting",
-    "paced_alpha",
-    "paced_beta",
-    "paced_answer_column",
-    "paced_answer_format",
-)
 DECAYING_RATIO_SCHEDULES = ("linear", "cosine", "adaptive")
 
 

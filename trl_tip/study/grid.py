@@ -9,9 +9,10 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 
-from ..core.schedules import SCHEDULE_AND_WEIGHTING_FIELDS, BetaSchedule, short_number
+from ..core.schedules import BetaSchedule, short_number
 from ..core.selectors import SELECTION_SCOPES, SELECTORS
 from ..pair.arguments import PairArguments, check_positive_int
+from ..trainer.tip_config import STUDY_RULE_OPTIONS
 
 
 # `quadrant` keeps named quadrants, not a ratio of tokens, so it has no place on a ratio grid.
@@ -21,10 +22,8 @@ DEFAULT_SEEDS = (0, 1, 2)
 # Fields that name the grid or where it goes, not how a run trains or is evaluated: a study folder's runs must share
 # every other field (see `StudyArguments.settings`).
 GRID_FIELDS = ("rules", "seeds", "output_dir", "keep_models", "threads")
-# `TIPConfig` fields a rule may set after its ratio (`soft_or:0.5+selection_ratio_schedule=adaptive`): how the kept
-# ratio, the divergence and the problems' weights move during a run, and a self teacher in place of the grid's teacher
-# (`soft_or:0.5+teacher_model_kind=live`). Every other knob is shared by the whole grid.
-RULE_OPTIONS = (*SCHEDULE_AND_WEIGHTING_FIELDS, "teacher_model_kind", "teacher_update_rate")
+# `TIPConfig` fields a rule may set after its ratio (its `STUDY_RULE_OPTIONS`); every other knob is shared by the grid.
+RULE_OPTIONS = STUDY_RULE_OPTIONS
 _RUN_ID = re.compile(r"[^A-Za-z0-9_.-]")
 
 

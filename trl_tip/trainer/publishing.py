@@ -7,8 +7,9 @@ import os
 
 from trl.trainer.utils import get_config_model_id
 
-from ..core.schedules import SCHEDULE_AND_WEIGHTING_FIELDS
-from .tip_config import SELF_DISTILLATION_FIELDS, field_default
+from ..core.selectors import QuadrantSelector, promises_count, selector_name
+from .selector_contract import recipe_for_selector
+from .tip_config import field_default, fields_in_groups
 
 
 class PublishingMixin:
@@ -64,7 +65,7 @@ class PublishingMixin:
             learning_rate=self.args.learning_rate,
             plot=plot,
             evaluation=getattr(self, "benchmark_results", None) or [],
-            recipe=self._recipe_yaml(),
+            recipe=recipe_for_selector(self._recipe_yaml(), self.token_selector),
             recipe_language="yaml",
             stats_dataset=self.tip_stats_dataset_id if self.args.push_to_hub else None,
         )
@@ -130,9 +131,15 @@ class PublishingMixin:
         )
 
     def _ratio_text(self, ratio: float | None) -> str:
-        """The kept share for the card: fixed, or the schedule that moved it and where it ended."""
-        if ratio is None:
-            return "not ratio-based"
+        """The kept share for the card: fixed, or the schedule that moved it and where it ended; for a selector whose
+        kept count depends on the statistics (`quadrant`, a custom rule), the share it kept, measured."""
+        from ..hub.model_card import measured_kept_text, quadrant_rule_text
+
+        selector = self.token_selector
+        if isinstance(selector, QuadrantSelector):
+            return measured_kept_text(quadrant_rule_text(selector.quadrants, selector.ratio), self.quadrant_tracker)
+        if ratio is None or not promises_count(selector):
+            return measured_kept_text(f"a custom rule (`{selector_name(selector)}`)", self.quadrant_tracker)
         args = self.args
         schedule = args.selection_ratio_schedule
         if schedule == "constant":
@@ -179,12 +186,12 @@ class PublishingMixin:
                 # Enums (e.g. the scheduler type) are written as their plain values, as a recipe spells them.
                 recipe[name] = getattr(value, "value", value)
         # Schedules and problem weighting only when a run uses them: a TIP run's recipe stays as short as TIP's.
-        for name in SCHEDULE_AND_WEIGHTING_FIELDS:
+        for name in fields_in_groups("schedules", "weighting"):
             if getattr(args, name) != field_default(name):
                 recipe[name] = getattr(args, name)
         if args.teacher_model_kind is not None:
             recipe.pop("teacher_model_name_or_path", None)
-            for name in SELF_DISTILLATION_FIELDS:
+            for name in fields_in_groups("self_distillation"):
                 if name == "teacher_model_kind" or getattr(args, name) != field_default(name):
                     recipe[name] = getattr(args, name)
             return yaml.safe_dump(recipe, sort_keys=False).strip()

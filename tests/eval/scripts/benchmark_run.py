@@ -46,6 +46,7 @@ class _RecordGenerateCalls(TrainerCallback):
 def run(output_dir: str, benchmark: str) -> None:
     from trl_tip import TIPConfig, TIPGKDTrainer
     from trl_tip.testing import tiny_causal_lm, tiny_math_dataset, tiny_tokenizer
+    from trl_tip.trainer.benchmark_callback import BenchmarkArguments
 
     tokenizer = tiny_tokenizer()
     args = TIPConfig(
@@ -59,8 +60,6 @@ def run(output_dir: str, benchmark: str) -> None:
         use_cpu=True,
         save_strategy="no",
         seed=3,
-        benchmarks=[benchmark],
-        **SETTINGS,
     )
     student = tiny_causal_lm(tokenizer, seed=0)
     rank = int(os.environ.get("RANK", "0"))
@@ -72,6 +71,7 @@ def run(output_dir: str, benchmark: str) -> None:
         train_dataset=tiny_math_dataset(8),
         processing_class=tokenizer,
         callbacks=[recorder],
+        benchmark_args=BenchmarkArguments(benchmarks=[benchmark], **SETTINGS),
     )
     trainer.train()
     # Leave together: a process that exits (closing its gloo pairs) while the main one still writes the run's files
