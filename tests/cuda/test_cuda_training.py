@@ -88,12 +88,10 @@ def train_two_steps(device: str, selector: str, ratio: float, dtype: str, output
 
     record = trainer._record_selection
 
-    def recording_selection():
-        if trainer._last_selection is not None:
-            stats, keep, _ = trainer._last_selection  # (stats, kept mask, eval-only loss)
-            kept.append(int(keep.sum()))
-            valid.append(int(stats.mask.sum()))
-        record()
+    def recording_selection(stats, keep, selected_loss):
+        kept.append(int(keep.sum()))
+        valid.append(int(stats.mask.sum()))
+        record(stats, keep, selected_loss)
 
     trainer.compute_loss = recording_compute_loss
     trainer._record_selection = recording_selection

@@ -405,7 +405,7 @@ def test_schedules_set_their_starting_values_before_the_first_batch(tokenizer, t
         selection_ratio_start=0.9,
         beta_schedule="0:0,0.5:1",
     )
-    assert (trainer.token_selector.ratio, trainer.beta) == (0.9, 0.0)
+    assert (trainer.selection_ratio_in_force, trainer.beta) == (0.9, 0.0)
 
 
 def test_teacher_entropy_is_computed_only_on_steps_that_record_quadrant_statistics(tokenizer, monkeypatch, tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import hashlib
 import json
 import os
 import platform
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 from transformers import ProgressCallback
 
+from ..trainer.run_folder import refuse_run_folder_as_parent
 from ..utils.files import STAGING_SUFFIX, write_jsonl_atomically, write_text_atomically
 from .grid import Rule, StudyArguments, study_rule_options
 
@@ -132,18 +134,24 @@ class StudyContext:
         from .evaluation import compute_baselines, rollouts_from_json, study_problems
 
         self.args = args
+        # The data first: a --dataset with too few rows fails before any model loads.
+        self.train_set, self.held_out = study_problems(args)
         self.teacher, self.student, self.tokenizer, _, _ = load_models(args)
         # Results and summaries are shared: models by name (Hub id, or a local folder's base name), never by path.
         self.teacher_name, self.student_name = public_model_names(args, self.teacher.config.num_hidden_layers)
-        self.train_set, self.held_out = study_problems(args)
         path, states_path = folder / "baselines.json", folder / "teacher_states.pt"
-        baselines = _read_json(path)
+        # The cache is keyed by the models' content: a path that now holds other weights gets no stale baselines.
+        models = {
+            "teacher": model_fingerprint(self.teacher, self.tokenizer),
+            "student": model_fingerprint(self.student, self.tokenizer),
+        }
+        baselines = cached_baselines(folder, _read_json(path), models)
         if baselines is None:
             print(
                 "[study] Evaluating the teacher and the untrained student once (shared by every run) ...", flush=True
             )
             baselines, states = compute_baselines(self.student, self.teacher, self.tokenizer, self.held_out, args)
-            baselines.update(teacher_model=self.teacher_name, student_model=self.student_name)
+            baselines.update(teacher_model=self.teacher_name, student_model=self.student_name, models=models)
             _save_tensors(states_path, states)
             _write_json(path, baselines)
         self.baselines = baselines
@@ -155,6 +163,45 @@ class StudyContext:
                 self.teacher, self.tokenizer, self.teacher_rollouts, args.eval_batch_size, desc="Teacher states"
             )
             _save_tensors(states_path, self.teacher_states)
+
+
+def model_fingerprint(model, tokenizer) -> str:
+    """SHA-256 of a model's content: every weight (name, dtype, shape, bytes) and the tokenizer's vocabulary and chat
+    template. Equal for the same weights wherever they were loaded from; about a second per GB of weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()))
+    digest.update(f"{vocabulary}|{getattr(tokenizer, 'chat_template', None)}".encode())
+    return digest.hexdigest()
+
+
+def cached_baselines(folder: Path, baselines: dict | None, models: dict) -> dict | None:
+    """The baselines in `baselines.json` when they were computed with these `models` (content fingerprints); `None`
+    (recompute) when they were computed with other models and no run used them; StudyFolderError when finished runs
+    were trained against those other models."""
+    if baselines is None:
+        return None
+    recorded = baselines.get("models")
+    if recorded is None:  # written before the fingerprints existed: recorded now, trusted as the folder's models
+        print(f"[study] {folder}/baselines.json names no model fingerprints; recording the current models'.")
+        baselines["models"] = models
+        _write_json(folder / "baselines.json", baselines)
+        return baselines
+    changed = [role for role in ("teacher", "student") if recorded.get(role) != models[role]]
+    if not changed:
+        return baselines
+    runs = finished_runs(folder)
+    if runs:
+        raise StudyFolderError(
+            f"The {' and '.join(changed)} weights differ from those the {len(runs)} finished runs in {folder} were "
+            f"trained and scored against (baselines.json records their content). Their results would not be "
+            "comparable: choose another --output-dir, or delete the folder to start over."
+        )
+    print(f"[study] The {' and '.join(changed)} changed since the baselines were cached; computing them again.")
+    return None
 
 
 def _save_tensors(path: Path, tensors: list) -> None:
@@ -173,7 +220,7 @@ def train_and_evaluate(ctx: StudyContext, rule: Rule, seed: int, staging: Path, 
     from transformers import set_seed
 
     from ..core.quadrants import QUADRANT_NAMES
-    from ..trainer.tip_config import TIPConfig
+    from ..pair.training import pair_config
     from ..trainer.tip_trainer import TIPGKDTrainer
     from .evaluation import evaluate_student
 
@@ -182,27 +229,18 @@ def train_and_evaluate(ctx: StudyContext, rule: Rule, seed: int, staging: Path, 
     set_seed(seed)
     # Fresh copies: each run starts from the same weights, whatever ran before it in this process.
     student, teacher, tokenizer = (copy.deepcopy(m) for m in (ctx.student, ctx.teacher, ctx.tokenizer))
-    config = TIPConfig(
-        output_dir=str(staging),
+    config = pair_config(
+        args,
+        str(staging),
+        seed,
         token_selector=rule.name,
         selection_ratio=rule.ratio,
         selection_scope=args.selection_scope,
-        max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size,
         num_rollouts_per_prompt=args.num_rollouts_per_prompt,
-        max_completion_length=args.max_new_tokens,
-        learning_rate=args.learning_rate,
         lr_scheduler_type=args.lr_scheduler_type,
         beta=args.beta,
         temperature=args.temperature,
         **study_rule_options(rule),
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        bf16=False,
-        use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=False,
-        seed=seed,
     )
     trainer = TIPGKDTrainer(
         model=student,
@@ -260,6 +298,7 @@ def run_study(args: StudyArguments) -> str:
     """Runs every (rule, seed) of the grid not yet finished in `args.output_dir`; returns the folder."""
     folder = Path(args.output_dir)
     grid = args.grid
+    refuse_run_folder_as_parent("--output-dir", str(folder), "the study's files")
     folder.mkdir(parents=True, exist_ok=True)
     with study_lock(folder):
         check_settings(folder, args)

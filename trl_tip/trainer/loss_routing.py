@@ -18,7 +18,8 @@ import contextvars
 import functools
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import trl
 from trl.trainer import distillation_trainer as trl_distillation
@@ -29,11 +30,22 @@ _HOOK_NAME = "_chunked_divergence_loss"
 
 
 @dataclass
+class RoutedLoss:
+    """What a routed loss may return instead of TRL's value: the `value` TRL receives, and an `output` for the caller
+    of `routed_to` (per-call results come back as values, not through attributes of the trainer)."""
+
+    value: Any
+    output: Any
+
+
+@dataclass
 class LossRoute:
-    """The loss one `compute_loss` call routes TRL's `_chunked_divergence_loss` to, and how often TRL called it."""
+    """The loss one `compute_loss` call routes TRL's `_chunked_divergence_loss` to, how often TRL called it, and the
+    `outputs` of the calls whose loss returned a [`RoutedLoss`]."""
 
     loss: Callable
     calls: int = 0
+    outputs: list = field(default_factory=list)
 
 
 _ACTIVE_ROUTE: contextvars.ContextVar[LossRoute | None] = contextvars.ContextVar("trl_tip_loss_route", default=None)
@@ -52,9 +64,13 @@ def _dispatcher(original: Callable) -> Callable:
         # Whatever the TIP loss runs (a selector stepping another trainer, say) starts with no active route.
         token = _ACTIVE_ROUTE.set(None)
         try:
-            return route.loss(*args, **kwargs)
+            result = route.loss(*args, **kwargs)
         finally:
             _ACTIVE_ROUTE.reset(token)
+        if isinstance(result, RoutedLoss):
+            route.outputs.append(result.output)
+            return result.value
+        return result
 
     dispatch.trl_tip_dispatcher = True
     return dispatch

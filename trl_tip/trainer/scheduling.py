@@ -13,6 +13,8 @@ from ..utils.files import write_text_atomically
 
 
 SCHEDULE_STATE_FILE = "tip_schedule_state.json"
+# The generation batch's key for the kept ratio in force, read by every micro-batch's selection.
+SELECTION_RATIO_KEY = "tip_selection_ratio"
 
 
 class ScheduleMixin:
@@ -20,8 +22,17 @@ class ScheduleMixin:
 
     The ratio and `beta` in force change only when a generation batch starts: every micro-batch of an optimizer step
     (all accumulation steps, all processes) then trains with the same ratio, so the global selected-token normalizer
-    computed at generation time stays exact, and one beta covers the whole step.
+    computed at generation time stays exact, and one beta covers the whole step. The ratio in force
+    (`selection_ratio_in_force`, `None` without a ratio schedule) goes out with the generation batch; the selector
+    itself is never changed.
     """
+
+    selection_ratio_in_force: float | None = None
+
+    @property
+    def follows_training_loss(self) -> bool:
+        """Whether the ratio follows the training loss (the adaptive rule), which `_record_training_loss` feeds."""
+        return self._adaptive_ratio is not None
 
     def _init_schedules(self) -> None:
         args = self.args
@@ -54,7 +65,7 @@ class ScheduleMixin:
                 step=args.adaptive_ratio_step,
                 tolerance=args.adaptive_ratio_tolerance,
             )
-        self.token_selector.ratio = float(args.selection_ratio_start)
+        self.selection_ratio_in_force = float(args.selection_ratio_start)
 
     def _apply_schedules(self) -> None:
         """Sets the ratio and beta of the generation batch about to be generated (training only)."""
@@ -72,12 +83,18 @@ class ScheduleMixin:
                     args.selection_ratio,
                     args.selection_ratio_decay_fraction,
                 )
-            self.token_selector.ratio = float(ratio)
+            self.selection_ratio_in_force = float(ratio)
         if self._beta_schedule is not None:
             self.beta = self._beta_schedule(progress)
         metrics = self._metrics["train"]
-        metrics["tip/selection_ratio"].append(float(getattr(self.token_selector, "ratio", 1.0)))
+        metrics["tip/selection_ratio"].append(self._ratio_kept())
         metrics["tip/beta"].append(float(self.beta))
+
+    def _ratio_kept(self) -> float:
+        """The ratio in force: the schedule's, else the selector's own (1.0 for one without a ratio)."""
+        if self.selection_ratio_in_force is not None:
+            return self.selection_ratio_in_force
+        return float(getattr(self.token_selector, "ratio", 1.0))
 
     def _record_training_loss(self, divergence_sum: torch.Tensor, weight: torch.Tensor) -> None:
         """Adds a training micro-batch's summed divergence over its kept tokens (weighted, under PACED) and their
@@ -104,7 +121,7 @@ class ScheduleMixin:
             "adaptive_ratio": None if self._adaptive_ratio is None else self._adaptive_ratio.state_dict(),
             "adaptive_loss_sum": self._adaptive_loss_sum,
             "adaptive_loss_count": self._adaptive_loss_count,
-            "selection_ratio": getattr(self.token_selector, "ratio", None),
+            "selection_ratio": self._ratio_kept(),
             "beta": self.beta,
         }
 

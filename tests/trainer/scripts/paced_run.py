@@ -53,7 +53,7 @@ class PacedTrainer(tip_trainer.TIPGKDTrainer):
                         "weight": None if weights is None else float(weights[i]),
                     }
                 )
-            self._log("paced", {"ratio": self.token_selector.ratio, "rollouts": rollouts})
+            self._log("paced", {"ratio": self._ratio_kept(), "rollouts": rollouts})
         return output
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
