@@ -13,3 +13,13 @@ TINY_CPU_RUN = {
     "save_strategy": "no",
     "seed": 7,
 }
+
+# The embedded pair's commands (`trl-tip demo`, `trl-tip study`) on the tiny local models: two steps of two rollouts
+# of up to 6 tokens, 8 training and 4 held-out problems (`PairArguments` fields; the tests add the models).
+TINY_PAIR_RUN = {
+    "steps": 2,
+    "batch_size": 2,
+    "max_new_tokens": 6,
+    "train_problems": 8,
+    "eval_problems": 4,
+}

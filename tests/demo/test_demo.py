@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 from huggingface_hub import ModelCard
+from tiny_runs import TINY_PAIR_RUN
 
 from trl_tip import QUADRANT_NAMES
 from trl_tip.cli import main as cli_main
@@ -97,11 +98,7 @@ def test_demo_pipeline_writes_a_complete_run(tiny_models, tmp_path):
     args = DemoArguments(
         teacher=str(teacher),
         student_layers=1,
-        steps=2,
-        batch_size=2,
-        max_new_tokens=6,
-        train_problems=8,
-        eval_problems=4,
+        **TINY_PAIR_RUN,
         output_dir=str(tmp_path / "runs"),
         run_name="run",
     )
@@ -144,11 +141,7 @@ def test_self_distillation_demo_trains_the_full_model_against_itself_told_the_an
     args = DemoArguments(
         teacher=str(tiny_models / "teacher"),
         teacher_model_kind=kind,
-        steps=2,
-        batch_size=2,
-        max_new_tokens=6,
-        train_problems=8,
-        eval_problems=4,
+        **TINY_PAIR_RUN,
         output_dir=str(tmp_path / "runs"),
     )
     run_dir = tmp_path / "runs" / f"demo-self-{kind}-soft_or-0.5"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny_runs import TINY_PAIR_RUN
 
 from trl_tip.cli import main as cli_main
 from trl_tip.core.quadrants import QUADRANT_NAMES
@@ -60,15 +61,7 @@ TIMES = ("train_time_s", "eval_time_s", "wall_time_s", "cpu_time_s")
 
 
 def quick_settings(tiny_models) -> dict:
-    return {
-        "teacher": str(tiny_models / "teacher"),
-        "student_layers": 1,
-        "steps": 2,
-        "batch_size": 2,
-        "max_new_tokens": 6,
-        "train_problems": 8,
-        "eval_problems": 4,
-    }
+    return {"teacher": str(tiny_models / "teacher"), "student_layers": 1, **TINY_PAIR_RUN}
 
 
 def quick_args(tiny_models, output_dir, rules=("all:1.0", "soft_or:0.5"), seeds=(0,), **changes) -> StudyArguments:
