@@ -110,17 +110,10 @@ def test_a_budget_that_cannot_hold_one_sequence_is_refused_naming_the_option():
         EvalArguments(model="m", max_new_tokens=100, max_batch_tokens=100)
     with pytest.raises(ValueError, match=r"cannot hold one sequence of problem 1: its prompt has 20 tokens.*vllm"):
         generation_batches([5, 20], num_samples=2, max_new_tokens=8, max_problems=8, max_batch_tokens=27)
-    from trl_tip import TIPConfig
+    from trl_tip.trainer.benchmark_callback import BenchmarkArguments
 
     with pytest.raises(ValueError, match=r"`benchmark_\*` fields\): `max_batch_tokens` \(64\) must exceed"):
-        TIPConfig(
-            output_dir="unused",
-            use_cpu=True,
-            bf16=False,
-            benchmarks=["gsm8k"],
-            benchmark_max_new_tokens=64,
-            benchmark_max_batch_tokens=64,
-        )
+        BenchmarkArguments(benchmarks=["gsm8k"], benchmark_max_new_tokens=64, benchmark_max_batch_tokens=64)
 
 
 def test_generation_stops_at_every_eos_id_of_the_generation_config():
