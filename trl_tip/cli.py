@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
+
+from .utils.command_errors import DEBUG_ENV, UsageExit, exit_with_usage_status, usage_errors
 
 
 COMMANDS = {
@@ -27,6 +30,10 @@ class TinyModelsArguments:
         default="outputs/tiny-models", metadata={"help": "Folder for student/, teacher/, prompts.jsonl"}
     )
     num_prompts: int = field(default=64, metadata={"help": "Prompts written to prompts.jsonl."})
+
+    def __post_init__(self):
+        if isinstance(self.num_prompts, bool) or not isinstance(self.num_prompts, int) or self.num_prompts < 1:
+            raise ValueError(f"--num-prompts must be a positive integer; got {self.num_prompts!r}.")
 
 
 def parse_tiny_models_args(argv: list[str] | None = None) -> TinyModelsArguments:
@@ -51,7 +58,8 @@ def version_text() -> str:
 
 
 def tiny_models(argv: list[str]) -> None:
-    args = parse_tiny_models_args(argv)
+    with usage_errors("tiny-models", ValueError):
+        args = parse_tiny_models_args(argv)
 
     from .testing import save_tiny_pair
 
@@ -60,7 +68,26 @@ def tiny_models(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    """`trl-tip ...`. Run as the program (no `argv`), a refused input prints `trl-tip <command>: <message>` and exits
+    with status 2; called with `argv`, it raises `UsageExit`, whose `code` is that message."""
+    if argv is None:
+        exit_with_usage_status(_main, sys.argv[1:])
+    else:
+        _main(argv)
+
+
+def _main(argv: list[str]) -> None:
+    if argv and argv[0] == "--debug":
+        # Tracebacks instead of one-line errors, for this command (and the processes it starts).
+        previous = os.environ.get(DEBUG_ENV)
+        os.environ[DEBUG_ENV] = "1"
+        try:
+            return _main(argv[1:])
+        finally:
+            if previous is None:
+                os.environ.pop(DEBUG_ENV, None)
+            else:
+                os.environ[DEBUG_ENV] = previous
     if not argv or argv[0] in ("-h", "--help"):
         lines = [
             "usage: trl-tip <command> [options]",
@@ -75,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
             "options:",
             "  -h, --help   show this message",
             "  --version    print the versions of trl-tip, trl, transformers and torch",
+            "  --debug      before the command: show a traceback instead of the one-line error",
             "",
             "Run `trl-tip <command> --help` for a command's options; each option is spelled `--a_b` or `--a-b`.",
         ]
@@ -86,6 +114,9 @@ def main(argv: list[str] | None = None) -> None:
         print(version_text())
         return
     command, rest = argv[0], argv[1:]
+    if command in COMMANDS and "--version" in rest:
+        print(version_text())
+        return
     if command == "demo":
         from .demo.command import main as demo_main
 
@@ -109,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "tiny-models":
         tiny_models(rest)
     else:
-        sys.exit(f"trl-tip: unknown command {command!r}; choose from {', '.join(COMMANDS)}.")
+        raise UsageExit(f"trl-tip: unknown command {command!r}; choose from {', '.join(COMMANDS)}.")
 
 
 if __name__ == "__main__":

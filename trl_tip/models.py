@@ -155,14 +155,45 @@ def resolve_model(name_or_path: str) -> str:
     """`smollm2` means the embedded default; a local folder must hold a config; anything else is a Hub id."""
     if name_or_path in SMOLLM2_ALIASES:
         return str(smollm2_path())
-    if os.path.exists(name_or_path):
-        if not os.path.isfile(os.path.join(name_or_path, "config.json")):
-            raise ModelSourceError(f"{name_or_path!r} is not a saved model folder (no config.json in it).")
-        return name_or_path
-    # A Hub id is "name" or "org/name"; anything else is a local path that is not there.
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        raise ModelSourceError(f"Model path {name_or_path!r} does not exist.")
+    check_model_folder(name_or_path)
     return name_or_path
+
+
+def looks_like_local_path(name_or_path: str) -> bool:
+    """Whether a model reference can only be a local path: a Hub id is `name` or `org/name`, so a reference that
+    starts with `.`, `/` or `~`, ends with a separator or has more than one `/` (or any `\\`) is a path."""
+    return (
+        name_or_path.startswith((".", "/", "~"))
+        or name_or_path.endswith(("/", "\\"))
+        or name_or_path.count("/") > 1
+        or "\\" in name_or_path
+    )
+
+
+def check_model_folder(name_or_path: str, field: str | None = None) -> None:
+    """
+    Raises ModelSourceError, before anything loads, for a model reference that names a local folder that is not a
+    saved model: a path that does not exist ("no such folder", where transformers would speak of Hub repo ids or of
+    connecting to the Hub), a file, or a folder without `config.json`. Hub ids (`name`, `org/name`) pass.
+    """
+    where = f"`{field}`: " if field else ""
+    if os.path.isdir(name_or_path):
+        # transformers also loads a PEFT adapter folder (`adapter_config.json`) onto its base model.
+        saved = ("config.json", "adapter_config.json")
+        if not any(os.path.isfile(os.path.join(name_or_path, name)) for name in saved):
+            raise ModelSourceError(
+                f"{where}{name_or_path!r} is not a saved model folder (no config.json in it). Pass a folder written "
+                "by `save_pretrained`, or a Hub id."
+            )
+        return
+    if os.path.exists(name_or_path):
+        raise ModelSourceError(f"{where}{name_or_path!r} is a file, not a saved model folder.")
+    if looks_like_local_path(name_or_path):
+        resolved = os.path.abspath(os.path.expanduser(name_or_path))
+        raise ModelSourceError(
+            f"{where}model path {name_or_path!r} does not exist: no such folder ({resolved}). Check the path; a Hub "
+            "id is written `name` or `org/name`."
+        )
 
 
 def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32):

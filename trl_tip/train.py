@@ -7,14 +7,28 @@ accelerate launch --config_file recipes/accelerate/zero3.yaml -m trl_tip.train -
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, fields
 
+import yaml
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
 from .data import load_prompt_dataset
+from .hub.push import HubPushError
 from .trainer.benchmark_callback import BenchmarkArguments
+from .utils.command_errors import (
+    check_config_file,
+    debugging,
+    exit_with_usage_status,
+    usage_errors,
+    usage_exit,
+)
 from .utils.recipe_yaml import check_recipe_keys
+
+
+# What the checks before training raise (bad fields, recipe, dataset, model path, output folder, Hub token).
+SETUP_ERRORS = (ValueError, OSError, yaml.YAMLError, HubPushError)
 
 
 @dataclass
@@ -35,6 +49,8 @@ def make_parser(prog: str | None = None) -> TrlParser:
 def main(script_args, training_args, model_args, dataset_args):
     from trl import get_dataset, get_peft_config, get_quantization_config
 
+    from .trainer.dataset_checks import check_datasets
+    from .trainer.run_folder import check_output_dir
     from .trainer.tip_trainer import TIPGKDTrainer
 
     if model_args.model_name_or_path is None:
@@ -72,6 +88,12 @@ def main(script_args, training_args, model_args, dataset_args):
             f"`dataset_train_split` {script_args.dataset_train_split!r} is not in the dataset; it has {list(dataset)}."
         )
 
+    # Before any model loads: the output folder (no other run in it) and the train rows, named by their source.
+    resume = training_args.resume_from_checkpoint is not None
+    check_output_dir(training_args.output_dir, training_args.overwrite_output_dir, resume)
+    source = f"`dataset_name` {script_args.dataset_name!r}" if script_args.dataset_name else "The `datasets` mixture"
+    where = f"{source} (split `{script_args.dataset_train_split}`)"
+    check_datasets(training_args, dataset[script_args.dataset_train_split], where=where)
     trainer = TIPGKDTrainer(
         model=model_args.model_name_or_path,
         teacher_model=training_args.teacher_model_name_or_path,
@@ -91,11 +113,39 @@ def main(script_args, training_args, model_args, dataset_args):
 
 
 def run(argv: list[str] | None = None, prog: str | None = None):
-    parser = make_parser(prog=prog)
-    check_recipe_keys(sys.argv[1:] if argv is None else argv)  # TrlParser's YAML read keeps the last of two keys
-    script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(args=argv)
-    return main(script_args, training_args, model_args, dataset_args)
+    """`trl-tip train ...`: an error found before training starts (a bad field, recipe, dataset or output folder) is
+    `UsageExit("trl-tip train: <message>")`, one line; one raised while training keeps its traceback."""
+    argv = sys.argv[1:] if argv is None else argv
+    with usage_errors("train", *SETUP_ERRORS):
+        if not argv:
+            raise ValueError(
+                "give a recipe: trl-tip train --config RECIPE.yaml [--field value ...] (see trl-tip train --help)."
+            )
+        check_config_file(argv)
+        parser = make_parser(prog=prog)
+        check_recipe_keys(argv)  # TrlParser's YAML read keeps the last of two keys
+        script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(args=argv)
+    try:
+        return main(script_args, training_args, model_args, dataset_args)
+    except SETUP_ERRORS as error:
+        if debugging() or raised_while_training(error):
+            raise
+        raise usage_exit("train", error) from None
+
+
+def raised_while_training(error: BaseException) -> bool:
+    """Whether `error` came from inside transformers' training loop (a runtime failure, shown with its traceback)
+    rather than from the checks and loading before it."""
+    traceback = error.__traceback__
+    while traceback is not None:
+        code = traceback.tb_frame.f_code
+        if code.co_name == "_inner_training_loop" or (
+            code.co_name == "train" and code.co_filename.endswith(os.path.join("transformers", "trainer.py"))
+        ):
+            return True
+        traceback = traceback.tb_next
+    return False
 
 
 if __name__ == "__main__":
-    run(sys.argv[1:], prog="python -m trl_tip.train")
+    exit_with_usage_status(lambda argv: run(argv, prog="python -m trl_tip.train"), sys.argv[1:])

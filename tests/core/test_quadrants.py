@@ -110,6 +110,7 @@ def _reduce_worker(rank, world_size, port, out_dir):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_all_reduce_across_two_processes_gives_the_global_counts(tmp_path):
     mp.spawn(_reduce_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     tracker = QuadrantTracker(entropy_threshold=2.0, divergence_threshold=0.1)

@@ -222,7 +222,8 @@ def test_teacher_entropy_can_be_left_out():
 @pytest.mark.parametrize("softcap", [None, 4.0])
 def test_fold_teacher_x_sum_over_two_tiles_with_and_without_scratch(softcap):
     """The adapter's extra fold alone, on two column tiles of teacher logits whose second raises the running max:
-    `sum exp(z_t - m) z_t` with the final max `m`, whether or not a scratch tile is lent."""
+    `sum exp(z_t - m) (z_t - m)` and `sum exp(z_t - m)` with the final max `m`, whether or not a scratch tile is lent
+    (and the tile itself overwritten)."""
     from trl_tip.core.trl_kernels import fold_teacher_x_sum, kernel_arguments
 
     logits = torch.randn(5, 40, generator=torch.Generator().manual_seed(2)) * 3
@@ -234,14 +235,19 @@ def test_fold_teacher_x_sum_over_two_tiles_with_and_without_scratch(softcap):
         return (x if softcap is None else softcap * torch.tanh(x / softcap)) / 0.7
 
     z = transform(logits)
-    expected = (torch.exp(z - z.max(-1, keepdim=True).values) * z).sum(-1)
+    gap = z - z.max(-1, keepdim=True).values
+    expected_x, expected_exp = (torch.exp(gap) * gap).sum(-1), torch.exp(gap).sum(-1)
     for scratch in (None, torch.empty(5, 20)):
-        t_max, x_sum = torch.full((5,), -torch.inf), torch.zeros(5)
+        t_max, x_sum, exp_sum = torch.full((5,), -torch.inf), torch.zeros(5), torch.zeros(5)
         for tile in logits.split(20, dim=1):
             # TRL's fold moves the running max first; the extra fold reads it before and after.
             before, t_max = t_max, torch.maximum(t_max, transform(tile).max(-1).values.float())
-            fold_teacher_x_sum(tile.contiguous(), before, t_max, x_sum, args, scratch=scratch)
-        torch.testing.assert_close(x_sum.double(), expected, rtol=1e-5, atol=1e-5)
+            overwrite = scratch is not None
+            fold_teacher_x_sum(
+                tile.contiguous(), before, t_max, x_sum, exp_sum, args, scratch=scratch, overwrite_tile=overwrite
+            )
+        torch.testing.assert_close(x_sum.double(), expected_x, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(exp_sum.double(), expected_exp, rtol=1e-5, atol=1e-5)
 
 
 def test_hand_built_token_stats_have_no_teacher_entropy():
@@ -287,6 +293,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_triton_teacher_kernel_matches_reference_in_the_interpreter():
     """The Triton kernel that folds the teacher's `E_t[z_t]` on CUDA, run on CPU by Triton's interpreter (with TRL's
     own `_stats_kernel`): a vocabulary tile wider than one Triton block (1100 > 1024 columns), a ragged last tile and

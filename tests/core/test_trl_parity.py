@@ -9,6 +9,7 @@ import pathlib
 import re
 
 import paths
+import pytest
 import trl
 from packaging.version import Version
 from trl.kernels import chunked_divergence, chunked_logprob
@@ -163,6 +164,7 @@ def test_stats_kernel_takes_the_arguments_of_its_eager_twin():
     assert kernel_params[12:] == eager_params[12:] == by_name
 
 
+@pytest.mark.slow
 def test_math_modules_stand_alone_without_the_trainer():
     """trl_tip's math (stats, selectors, quadrants, loss) imports neither our trainer nor TRL's."""
     import subprocess
@@ -178,6 +180,7 @@ def test_math_modules_stand_alone_without_the_trainer():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.slow
 def test_core_loads_no_trainer():
     """`import trl_tip.core` (every module of it) loads neither transformers' `Trainer`, TRL's trainers nor ours."""
     import subprocess

@@ -136,6 +136,7 @@ def test_demo_pipeline_writes_a_complete_run(tiny_models, tmp_path):
     assert "![Token quadrants](quadrants.png)" in card.text and "student after" in card.text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["live", "base"])
 def test_self_distillation_demo_trains_the_full_model_against_itself_told_the_answer(kind, tiny_models, tmp_path):
     args = DemoArguments(

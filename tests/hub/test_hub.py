@@ -312,7 +312,7 @@ def local_model_trainer(tmp_path: Path, student_card: str | None):
         model=AutoModelForCausalLM.from_pretrained(tmp_path / "student"),
         teacher_model=AutoModelForCausalLM.from_pretrained(tmp_path / "teacher"),
         args=args,
-        train_dataset=tiny_math_dataset(4),
+        train_dataset=tiny_math_dataset(8),
         processing_class=tokenizer,
     )
 

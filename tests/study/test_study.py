@@ -85,6 +85,7 @@ def clean_grid(tiny_models, tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_quick_grid_writes_results_summary_and_plot(clean_grid, tiny_models):
     rows = read_jsonl(clean_grid / "results.jsonl")
     assert [(r["rule"], r["seed"]) for r in rows] == [("all:1", 0), ("soft_or:0.5", 0)]
@@ -118,6 +119,7 @@ def test_quick_grid_writes_results_summary_and_plot(clean_grid, tiny_models):
     assert {"accuracy", "reverse_kl", "forward_kl"} <= set(baselines["student_before"])
 
 
+@pytest.mark.slow
 def test_interrupted_grid_resumes_without_retraining_and_matches_a_clean_run(
     clean_grid, tiny_models, tmp_path, monkeypatch
 ):

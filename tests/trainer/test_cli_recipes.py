@@ -160,6 +160,7 @@ def test_qwen25_recipe_starts_with_heads_of_different_sizes(tmp_path, caplog):
     assert "use the 328 rows both heads share and ignore the teacher head's rows 328-359" in caplog.text
 
 
+@pytest.mark.slow
 def test_console_script_and_module_entry_points(tiny_models, tmp_path):
     help_text = subprocess.run(["trl-tip", "--help"], capture_output=True, text=True, check=True).stdout
     assert "train" in help_text and "tiny-models" in help_text

@@ -44,6 +44,7 @@ def kept_count(valid_lengths, ratio):
 # Kept-ratio schedules
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "schedule, expected",
     [
@@ -111,6 +112,7 @@ def latf_ratios(losses, start, floor, decay, step, tolerance):
     return ratios
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_normalization", ["selected", "all"])
 def test_adaptive_ratio_follows_latf_on_the_mean_divergence_of_the_kept_tokens(
     loss_normalization, tokenizer, tmp_path
@@ -165,6 +167,7 @@ def test_beta_schedule_trains_forward_kl_then_reverse_kl_reusing_the_statistics_
 # Resume
 
 
+@pytest.mark.slow
 def test_resume_repeats_the_adaptive_ratio_the_beta_and_the_losses(tokenizer, tmp_path):
     settings = {
         "token_selector": "divergence_topk",

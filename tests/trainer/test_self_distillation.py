@@ -147,6 +147,7 @@ def test_teacher_hidden_states_at_the_completion_positions_equal_a_separate_copy
 # The teacher's weights, and how many there are.
 
 
+@pytest.mark.slow
 def test_after_one_step_live_is_the_student_base_the_initial_weights_and_ema_the_average(tokenizer, tmp_path):
     initial = tiny_causal_lm(tokenizer, seed=0)
     weights = {name: p.detach().clone() for name, p in initial.named_parameters()}
@@ -198,6 +199,7 @@ def test_a_self_teacher_keeps_one_set_of_base_weights_and_at_most_one_copy(kind,
 # End to end: accumulation, several rollouts, the off-policy mix, statistics and resume.
 
 
+@pytest.mark.slow
 def test_ema_self_distillation_trains_writes_stats_and_resumes_to_the_same_losses(tokenizer, tmp_path):
     settings = {
         "kind": "ema",

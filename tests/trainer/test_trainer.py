@@ -48,6 +48,7 @@ def train_logs(trainer):
     return [h for h in trainer.state.log_history if "loss" in h]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("selector", list(SELECTORS))
 def test_every_builtin_selector_trains_and_logs_quadrants(selector, tokenizer, tmp_path):
     kwargs = {"token_selector_kwargs": {"quadrants": ["Q1", "Q3"]}} if selector == "quadrant" else {}
@@ -77,6 +78,7 @@ def parameters_after_one_step(trainer):
     return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}, trainer.state.log_history[0]["loss"]
 
 
+@pytest.mark.slow
 def test_all_selector_reproduces_trl_distillation_trainer(tokenizer, tmp_path):
     """Same seed, same batch: one SGD step of TIP with `all` equals one step of plain DistillationTrainer."""
     settings = {"max_steps": 1, "optim": "sgd", "lr_scheduler_type": "constant"}
@@ -93,6 +95,7 @@ def test_all_selector_reproduces_trl_distillation_trainer(tokenizer, tmp_path):
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_1x4_equals_4x1(tokenizer, tmp_path):
     """The selected-token normalizer is global across accumulation steps, so the update does not depend on the
     split."""
@@ -112,6 +115,7 @@ def test_gradient_accumulation_1x4_equals_4x1(tokenizer, tmp_path):
         torch.testing.assert_close(one_by_four[name], four_by_one[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_lora_student_trains_and_saves_adapters_only(tokenizer, tmp_path):
     student, teacher = models(tokenizer)
     args = TIPConfig(output_dir=str(tmp_path), max_steps=2, **COMMON)
@@ -157,6 +161,7 @@ def test_lmbda_chooses_between_dataset_completions_and_rollouts(
         assert text.startswith("The answer is ") and text.endswith("<|im_end|>")
 
 
+@pytest.mark.slow
 def test_resume_from_checkpoint_repeats_the_next_selection_and_loss(tokenizer, tmp_path):
     settings = {
         "max_steps": 4,
@@ -266,6 +271,7 @@ def test_several_rollouts_per_prompt(tokenizer, tmp_path):
         make_trainer(tokenizer, tmp_path, num_rollouts_per_prompt=3, per_device_train_batch_size=4)
 
 
+@pytest.mark.slow
 def test_trainer_writes_the_trl_tip_model_card(tokenizer, tmp_path):
     from huggingface_hub import ModelCard
 

@@ -7,6 +7,7 @@ name, and any callable `fn(stats, generator) -> mask | (mask, weights)` can stan
 
 from __future__ import annotations
 
+import copy
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
@@ -21,6 +22,11 @@ from .stats import TokenStats
 
 
 SELECTION_SCOPES = ("sequence", "batch")
+# Largest weight a selector may put on a token. A weight multiplies the token's divergence and its gradient; float32
+# squares of gradients near 1e19 overflow, so the gradient norm turns infinite and clipping zeroes the update. 1e6
+# leaves thirteen orders of magnitude below that, far above any sensible importance weight (the loss is normalized by
+# the kept count, not by the weights' sum, so weights need no rescaling to large values).
+MAX_SELECTOR_WEIGHT = 1e6
 # Guards floor(ratio * m) against binary rounding (0.29 * 100 = 28.999999999999996).
 _RATIO_EPS = 1e-9
 
@@ -33,6 +39,14 @@ class TokenSelector(Protocol):
     `select` returns a `(B, C)` boolean keep-mask, or a `(mask, weights)` pair whose `(B, C)` weights multiply each
     kept token's divergence. `fixed_count` says whether the kept count follows from the valid mask alone (ratio
     rules), which lets a trainer know the global normalizer before any statistics are computed.
+
+    The contract, checked by [`resolve_selection`] at every call (an error naming the broken rule): the mask is a
+    boolean tensor of the valid mask's shape (a float or integer mask is refused, never thresholded); weights are
+    finite, non-negative and at most `MAX_SELECTOR_WEIGHT` on the kept tokens; a selector with `fixed_count = True`
+    and a `count(valid_mask)` method keeps exactly what `count` promised (the trainer divides the loss by it). A
+    selector that keeps nothing of a micro-batch with valid tokens is warned about by the trainer, not refused: a
+    micro-batch may rightly hold no token of the kind a rule keeps. A selector class passed instead of an instance is
+    refused when the trainer is built.
     """
 
     fixed_count: bool
@@ -43,10 +57,17 @@ class TokenSelector(Protocol):
 @dataclass
 class Selection:
     """A resolved selection: `mask` is `(B, C)` bool and never keeps an invalid token; `weights` is `(B, C)` or
-    None."""
+    None. [`resolve_selection`] also records `kept` and `valid`, the micro-batch's kept and valid token counts."""
 
     mask: torch.Tensor
     weights: torch.Tensor | None = None
+    kept: int | None = None
+    valid: int | None = None
+
+    @property
+    def kept_nothing(self) -> bool:
+        """Whether the selector kept no token of a micro-batch that has valid ones (its loss adds nothing)."""
+        return self.kept == 0 and bool(self.valid)
 
 
 def kept_per_sequence(valid_mask: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -372,8 +393,7 @@ def build_selector(name: str | dict | Any, **kwargs) -> Any:
     if not isinstance(name, str):
         if kwargs:
             raise ValueError("Keyword arguments apply to a selector given by name, not to a selector object.")
-        if not (hasattr(name, "select") or callable(name)):
-            raise ValueError(f"`token_selector` must be a name, a dict or a callable; got {type(name).__name__}.")
+        check_selector_object(name)
         return name
     check_choice("token_selector", name, SELECTORS)
     try:
@@ -382,12 +402,58 @@ def build_selector(name: str | dict | Any, **kwargs) -> Any:
         raise ValueError(f"Bad arguments for the `{name}` selector: {error}") from error
 
 
+def check_selector_object(selector: Any) -> None:
+    """
+    Checks, before any step runs, what can be checked of a selector object without running it: it is an instance
+    with a callable `select`, or a callable, not a class. Raises ValueError naming `token_selector`.
+    """
+    if isinstance(selector, type):
+        raise ValueError(
+            f"`token_selector` got the class `{selector.__name__}`, not a selector: pass an instance, e.g. "
+            f"`token_selector={selector.__name__}(...)` (a selector is an object with `select(stats, generator)`, or "
+            "a function `fn(stats, generator)`)."
+        )
+    if hasattr(selector, "select"):
+        if not callable(selector.select):
+            raise ValueError(
+                f"`token_selector` {type(selector).__name__} has a `select` attribute that is not callable; a "
+                "selector's `select(stats, generator)` returns its keep-mask."
+            )
+    elif not callable(selector):
+        raise ValueError(f"`token_selector` must be a name, a dict or a callable; got {type(selector).__name__}.")
+    if getattr(selector, "fixed_count", False) and hasattr(selector, "count") and not callable(selector.count):
+        raise ValueError(
+            f"`token_selector` {type(selector).__name__} declares `fixed_count=True` but its `count` is not callable; "
+            "`count(valid_mask)` must return the number of tokens `select` keeps."
+        )
+
+
+def selector_name(selector: Any) -> str:
+    """How messages and cards name a selector: its `name`, a function's name, else its class name."""
+    return getattr(selector, "name", None) or getattr(selector, "__name__", None) or type(selector).__name__
+
+
+def promises_count(selector: Any) -> bool:
+    """Whether a selector declares that its kept count follows from the valid mask alone and says it (`fixed_count`
+    and a `count(valid_mask)` method): a trainer then uses that count as the loss's normalizer."""
+    return bool(getattr(selector, "fixed_count", False)) and callable(getattr(selector, "count", None))
+
+
 def resolve_selection(
     selector: TokenSelector | Callable, stats: TokenStats, generator: torch.Generator | None = None
 ) -> Selection:
     """
-    Runs a selector (an object with `select`, or a callable) and checks what it returns: a `(B, C)` mask, or a
-    `(mask, weights)` pair. Invalid tokens are dropped from the mask whatever the selector returned.
+    Runs a selector (an object with `select`, or a callable) and checks what it returns against the selector
+    contract, raising ValueError that names the broken rule:
+
+    - a `(B, C)` **boolean** mask, or a `(mask, weights)` pair (a float or integer mask is refused, not thresholded:
+      return `scores > threshold` or `mask.bool()`);
+    - `(B, C)` weights that are finite, non-negative and at most `MAX_SELECTOR_WEIGHT` on the kept tokens;
+    - for a selector declaring `fixed_count=True` with a `count(valid_mask)` method, `count` equals what `select`
+      kept (a trainer divides the loss by that promised count).
+
+    Invalid tokens are dropped from the mask whatever the selector returned. The checks cost one host sync per call
+    (the counts are read together); the returned [`Selection`] records the kept and valid counts.
     """
     run = selector.select if hasattr(selector, "select") else selector
     out = run(stats, generator)
@@ -398,14 +464,61 @@ def resolve_selection(
         if len(out) != 2:
             raise ValueError(f"A selector must return a mask or a (mask, weights) pair; got a tuple of {len(out)}.")
         out, weights = out
+    name = selector_name(selector)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(stats.mask.shape):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"A selector's mask must be a tensor of shape {tuple(stats.mask.shape)}; got {shape}.")
-    mask = (out != 0).to(stats.mask.device) & stats.mask
+        raise ValueError(
+            f"The selector `{name}` broke the mask rule: a selector's mask must be a tensor of shape "
+            f"{tuple(stats.mask.shape)}; got {shape}."
+        )
+    if out.dtype != torch.bool:
+        raise ValueError(
+            f"The selector `{name}` broke the mask rule: a selector's mask must be a boolean tensor (True keeps a "
+            f"token); got dtype {out.dtype}. A float or integer mask is refused rather than read as `mask != 0` or "
+            "thresholded: return e.g. `scores > threshold`, or `(mask, weights)` to weight the kept tokens."
+        )
+    mask = out.to(stats.mask.device) & stats.mask
+    counts = [mask.sum(), stats.mask.sum()]
     if weights is not None:
         if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != tuple(stats.mask.shape):
-            raise ValueError(f"A selector's weights must be a tensor of shape {tuple(stats.mask.shape)}.")
+            raise ValueError(
+                f"The selector `{name}` broke the weights rule: a selector's weights must be a tensor of shape "
+                f"{tuple(stats.mask.shape)}."
+            )
         weights = weights.to(device=stats.mask.device, dtype=torch.float32)
-        if not bool(torch.isfinite(weights[mask]).all()) or bool((weights[mask] < 0).any()):
-            raise ValueError("A selector's weights must be finite and non-negative on the kept tokens.")
-    return Selection(mask=mask, weights=weights)
+        bad = ~torch.isfinite(weights) | (weights < 0) | (weights > MAX_SELECTOR_WEIGHT)
+        counts.append((bad & mask).sum())
+    promised = promises_count(selector)
+    if promised:
+        counts.append(torch.as_tensor(selector.count(stats.mask), device=mask.device).reshape(()))
+    # One host sync for every check.
+    values = torch.stack([c.to(device=mask.device, dtype=torch.float64) for c in counts]).tolist()
+    kept, valid = int(values[0]), int(values[1])
+    if weights is not None and values[2] > 0:
+        raise ValueError(
+            f"The selector `{name}` broke the weights rule: a selector's weights must be finite and non-negative on "
+            f"the kept tokens, and at most {MAX_SELECTOR_WEIGHT:g} (a weight multiplies the token's divergence and "
+            f"its gradient; larger ones overflow the gradient norm); {int(values[2])} of the {kept} kept tokens' "
+            "weights are not."
+        )
+    if promised and values[-1] != kept:
+        raise ValueError(
+            f"The selector `{name}` broke the count rule: it declares `fixed_count=True`, so its `count(valid_mask)` "
+            f"is the loss's normalizer, but `count` promised {values[-1]:g} tokens while `select` kept {kept} of "
+            f"{valid} valid ones (the loss would be scaled by {kept}/{values[-1]:g}). Make `count` return exactly "
+            "the number `select` keeps, or set `fixed_count = False` so that the kept tokens are counted."
+        )
+    return Selection(mask=mask, weights=weights, kept=kept, valid=valid)
+
+
+def selector_with_ratio(selector: Any, ratio: float) -> Any:
+    """`selector` keeping `ratio` instead of its own: a copy (the selector given is never changed), or `selector`
+    itself when the ratio is already its own. A schedule's ratio reaches selection this way, batch by batch."""
+    ratio = check_ratio("ratio", ratio)
+    if getattr(selector, "ratio", None) == ratio:
+        return selector
+    if not isinstance(getattr(selector, "ratio", None), float):
+        raise ValueError(f"{selector!r} has no float `ratio` to set; a ratio schedule needs a ratio selector.")
+    moved = copy.copy(selector)
+    moved.ratio = ratio
+    return moved

@@ -5,8 +5,9 @@ same online-logsumexp folds that TRL's `ChunkedDivergenceFunction` runs in its f
 normalizers, the student's `E_s[z_s]`, and the two cross terms `E_s[z_t - z_s]` and `E_t[z_t - z_s]`. TRL's function
 returns only one divergence, so this module drives TRL's own tile projection and fold (through `trl_kernels`, the one
 adapter to TRL's private tile helpers) and reads all three statistics from the same accumulators. The teacher's
-entropy `H(P_T) = log Z_t - E_t[z_t]` needs one more accumulator, the teacher's `E_t[z_t]`, folded over the same
-tiles (`trl_kernels.fold_teacher_x_sum`).
+entropy needs two more accumulators, the teacher's `sum exp(z_t - m)` and `sum exp(z_t - m) (z_t - m)` relative to its
+running max `m`, folded over the same tiles (`trl_kernels.fold_teacher_x_sum`): `H(P_T) = log Z_t - E_t[z_t]` taken
+relative to `m` on both sides, so that it stays exact at low temperatures.
 """
 
 from __future__ import annotations
@@ -137,8 +138,8 @@ def compute_token_stats(
         token_chunk_size, vocab_chunk_size (`int`, *optional*):
             Tile shape; defaults are TRL's, so the pass peaks no higher than TRL's chunked loss.
         teacher_entropy (`bool`, *optional*, defaults to `True`):
-            Whether to fold the one extra accumulator (the teacher's `E_t[z_t]`) that `TokenStats.teacher_entropy`
-            needs; with `False` that field is `None` and the pass is TRL's fold alone.
+            Whether to fold the two extra accumulators (the teacher's normalizer and `E_t[z_t]`) that
+            `TokenStats.teacher_entropy` needs; with `False` that field is `None` and the pass is TRL's fold alone.
 
     Returns:
         [`TokenStats`]: `(B, C)` float32 statistics, zero at invalid positions.
@@ -262,14 +263,14 @@ def _fold_tiles(
     Projects the `(N, H)` hidden states through both heads on `[token_chunk_size, vocab_chunk_size]` fp32 tiles and
     folds each pair into TRL's online-logsumexp accumulators. Returns them by `fold_tile`'s argument names: the
     running maxima and sums of both models, the student's `sum exp(z_s) z_s` and the two weighted gaps, plus, with
-    `teacher_entropy`, the teacher's `sum exp(z_t) z_t` (`teacher_x_sum`). Only the rows both heads share are
-    projected.
+    `teacher_entropy`, the teacher's `sum exp(z_t - m) (z_t - m)` and `sum exp(z_t - m)` (`teacher_x_sum`,
+    `teacher_exp_sum`). Only the rows both heads share are projected.
     """
     device, n_tokens = h_s.device, h_s.shape[0]
     kernel_args = heads.kernel_args
     names = ["student_sum", "student_x_sum", "teacher_sum", "teacher_weighted_gap", "student_weighted_gap"]
     if teacher_entropy:
-        names.append("teacher_x_sum")
+        names += ["teacher_x_sum", "teacher_exp_sum"]
     sums = {name: torch.zeros((n_tokens,), device=device, dtype=torch.float32) for name in names}
     for name in ("student_max", "teacher_max"):
         sums[name] = torch.zeros((n_tokens,), device=device, dtype=torch.float32) - math.inf
@@ -308,7 +309,9 @@ def _stats_from_sums(sums: dict[str, torch.Tensor], valid: torch.Tensor, heads: 
     forward_kl = (sums["teacher_weighted_gap"] / sums["teacher_sum"] - t_log_z + s_log_z).clamp_(min=0.0)
     teacher_entropy = None
     if "teacher_x_sum" in sums:
-        teacher_entropy = (t_log_z - sums["teacher_x_sum"] / sums["teacher_sum"]).clamp_(min=0.0)
+        # Relative to the running max on both sides (`fold_teacher_x_sum`): no cancellation at low temperatures.
+        exp_sum = sums["teacher_exp_sum"]
+        teacher_entropy = (torch.log(exp_sum) - sums["teacher_x_sum"] / exp_sum).clamp_(min=0.0)
 
     def scatter(values: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(valid.shape, device=valid.device, dtype=torch.float32)

@@ -6,8 +6,9 @@ directly: `_project`, `_stats_tile` (CPU) and the Triton `_stats_kernel` (CUDA),
 and the saved-tensor context of `ChunkedDivergenceFunction.backward`. Every such name is imported here and nowhere
 else, so a TRL upgrade touches this file only; `tests/core/test_trl_parity.py` pins each of them against trl 1.16.
 
-TRL's fold keeps no `E_t[z_t]`, which the teacher's entropy needs: `fold_teacher_x_sum` adds that one accumulator over
-the same tiles, with TRL's logit transform (`_transform` in Triton, `_torch_transform` in torch) and TRL's running max.
+TRL's fold keeps no `E_t[z_t]`, which the teacher's entropy needs: `fold_teacher_x_sum` adds two accumulators over the
+same tiles (the teacher's own normalizer and `E_t[z_t]`, both relative to TRL's running max, so the entropy stays exact
+at low temperatures), with TRL's logit transform (`_transform` in Triton, `_torch_transform` in torch).
 """
 
 from __future__ import annotations
@@ -70,13 +71,14 @@ def fold_tile(
     student_weighted_gap,
     kernel_args: dict,
     teacher_x_sum=None,
+    teacher_exp_sum=None,
 ) -> None:
     """Folds one `[n, vocab_cols]` pair of tiles into the online-logsumexp accumulators (updated in place).
 
     On CUDA this launches TRL's Triton `_stats_kernel` (one program per token row), elsewhere its eager twin
-    `_stats_tile`; both take the same positional arguments, in this order. With `teacher_x_sum` (the teacher's
-    `sum exp(z_t - m_t) z_t`), [`fold_teacher_x_sum`] then folds the same teacher tile into it, using the student
-    tile, which TRL's fold has consumed, as scratch: it is left overwritten.
+    `_stats_tile`; both take the same positional arguments, in this order. With `teacher_x_sum` and
+    `teacher_exp_sum` (the teacher's entropy accumulators), [`fold_teacher_x_sum`] then folds the same teacher tile
+    into them, using both tiles, which TRL's fold has consumed, as scratch: they are left overwritten.
     """
     n, cols = student_tile.shape
     teacher_max_before = None if teacher_x_sum is None else teacher_max.clone()
@@ -99,23 +101,42 @@ def fold_tile(
     )
     if teacher_x_sum is not None:
         fold_teacher_x_sum(
-            teacher_tile, teacher_max_before, teacher_max, teacher_x_sum, kernel_args, scratch=student_tile
+            teacher_tile,
+            teacher_max_before,
+            teacher_max,
+            teacher_x_sum,
+            teacher_exp_sum,
+            kernel_args,
+            scratch=student_tile,
+            overwrite_tile=True,
         )
 
 
 def fold_teacher_x_sum(
-    teacher_tile, teacher_max_before, teacher_max, teacher_x_sum, kernel_args: dict, scratch=None
+    teacher_tile,
+    teacher_max_before,
+    teacher_max,
+    teacher_x_sum,
+    teacher_exp_sum,
+    kernel_args: dict,
+    scratch=None,
+    overwrite_tile: bool = False,
 ) -> None:
     """
-    Folds a `[n, vocab_cols]` teacher tile into `teacher_x_sum`, the teacher's `sum exp(z_t - m_t) z_t` (updated in
-    place): the teacher's twin of TRL's `s_x_sum`, so that `E_t[z_t] = teacher_x_sum / teacher_sum` and
-    `H(P_T) = log Z_t - E_t[z_t]`.
+    Folds a `[n, vocab_cols]` teacher tile into the two accumulators of the teacher's entropy (updated in place):
+    `teacher_exp_sum = sum exp(z_t - m)` and `teacher_x_sum = sum exp(z_t - m) (z_t - m)`, `m` TRL's running max.
+    Then `H(P_T) = log(teacher_exp_sum) - teacher_x_sum / teacher_exp_sum`, exactly, for any `m`.
+
+    Both sums are taken relative to the max, as a log-sum-exp is: at a low temperature `z_t` is huge (logits / T) and
+    `log Z - E[z]` would cancel two numbers of that size in float32 (1e6 nats off at T = 1e-6), while `z_t - m` stays
+    small where the probability is. The normalizer is this fold's own, not TRL's `t_sum`: the entropy then holds
+    exactly for the `z_t` computed here, whatever TRL's rounding of the same tile.
 
     Runs after [`fold_tile`] has folded the same tile: `teacher_max` is TRL's running max after it and
-    `teacher_max_before` the one before, so the accumulator is rescaled exactly as TRL rescales `t_sum`. `z_t` is
-    TRL's transform of the tile (scale, softcap, temperature). On CUDA a Triton kernel reads the tile once; elsewhere
-    the same math runs in torch, writing `exp(z_t - m_t)` into `scratch` (an fp32 tensor of the tile's shape) when
-    given, so that no tile-sized temporary is allocated per tile.
+    `teacher_max_before` the one before; when the max moves from `m0` to `m`, `x -> exp(m0 - m) (x + (m0 - m) s)`
+    and `s -> exp(m0 - m) s`. `z_t` is TRL's transform of the tile (scale, softcap, temperature). On CUDA a Triton
+    kernel reads the tile once; elsewhere the same math runs in torch, on `scratch` (an fp32 tensor of the tile's
+    shape) when given and on the tile itself with `overwrite_tile`, so that no tile-sized temporary is allocated.
     """
     n, cols = teacher_tile.shape
     t_scale, t_softcap, inv_t = kernel_args["t_scale"], kernel_args["t_softcap"], kernel_args["inv_t"]
@@ -127,6 +148,7 @@ def fold_teacher_x_sum(
             teacher_max_before,
             teacher_max,
             teacher_x_sum,
+            teacher_exp_sum,
             cols,
             t_scale,
             t_softcap,
@@ -141,30 +163,47 @@ def fold_teacher_x_sum(
             teacher_max_before,
             teacher_max,
             teacher_x_sum,
+            teacher_exp_sum,
             t_scale,
             t_softcap,
             inv_t,
             has_softcap,
             scratch,
+            overwrite_tile,
         )
 
 
 def _teacher_x_sum_tile(
-    t_tile, t_max_before, t_max, t_x_sum, t_scale, t_softcap, inv_t, T_HAS_SOFTCAP, scratch=None
+    t_tile,
+    t_max_before,
+    t_max,
+    t_x_sum,
+    t_exp_sum,
+    t_scale,
+    t_softcap,
+    inv_t,
+    T_HAS_SOFTCAP,
+    scratch=None,
+    overwrite_tile=False,
 ) -> None:
-    # `_teacher_x_sum_kernel` in torch, for devices without Triton: the whole tile at once. The row-wise dot products
-    # go through `bmm` (BLAS on CPU, about 3x faster there than a multiply and a sum); the caller keeps it in fp32.
+    # `_teacher_x_sum_kernel` in torch, for devices without Triton: the whole tile at once. Without a softcap,
+    # `gap = z_t - m` goes to `scratch`; `exp(gap)` goes to the tile when it may be overwritten. The row-wise dot
+    # product goes through `bmm` (BLAS on CPU, about 3x faster there than a multiply and a sum); the caller keeps it
+    # in fp32.
     neg_max = -t_max.unsqueeze(-1)
     if T_HAS_SOFTCAP:
-        zt = _torch_transform(t_tile, t_scale, t_softcap, inv_t, T_HAS_SOFTCAP)
-        et = torch.add(neg_max, zt, out=scratch).exp_()
-        x_sum = torch.bmm(et.unsqueeze(1), zt.unsqueeze(2)).view(-1)
+        gap = _torch_transform(t_tile, t_scale, t_softcap, inv_t, T_HAS_SOFTCAP).add_(neg_max)
     else:
-        # A linear transform, z_t = c * tile: sum exp(z_t - m) z_t = c * sum exp(z_t - m) tile.
-        c = t_scale * inv_t
-        et = torch.add(neg_max, t_tile, alpha=c, out=scratch).exp_()
-        x_sum = torch.bmm(et.unsqueeze(1), t_tile.unsqueeze(2)).view(-1).mul_(c)
-    t_x_sum.mul_(torch.exp(t_max_before - t_max)).add_(x_sum)
+        gap = torch.add(neg_max, t_tile, alpha=t_scale * inv_t, out=scratch)
+    weights = torch.exp(gap, out=t_tile if overwrite_tile else None)
+    x_sum = torch.bmm(weights.unsqueeze(1), gap.unsqueeze(2)).view(-1)
+    exp_sum = weights.sum(-1)
+    moved = t_max_before - t_max
+    # A row's first tile has no sum to move (`m0 = -inf`, `s = 0`, whose product is NaN).
+    shift = torch.where(t_exp_sum > 0, moved * t_exp_sum, torch.zeros_like(t_exp_sum))
+    rescale = torch.exp(moved)
+    t_x_sum.add_(shift).mul_(rescale).add_(x_sum)
+    t_exp_sum.mul_(rescale).add_(exp_sum)
 
 
 @_jit
@@ -174,6 +213,7 @@ def _teacher_x_sum_kernel(
     t_max_before_ptr,
     t_max_ptr,
     t_x_sum_ptr,
+    t_exp_sum_ptr,
     n_cols,
     t_scale,
     t_softcap,
@@ -181,22 +221,30 @@ def _teacher_x_sum_kernel(
     T_HAS_SOFTCAP: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
-    # One program per token: `t_x_sum = t_x_sum * exp(m_before - m) + sum exp(z_t - m) z_t` over one vocabulary chunk,
-    # with TRL's running max `m` after `_stats_kernel` folded the same chunk, and TRL's `_transform`.
+    # One program per token, over one vocabulary chunk, with TRL's running max `m` after `_stats_kernel` folded the
+    # same chunk and TRL's `_transform`: `s = s * exp(m0 - m) + sum exp(z_t - m)` and
+    # `x = (x + (m0 - m) s) * exp(m0 - m) + sum exp(z_t - m) (z_t - m)`, relative to the max (no cancellation).
     row = tl.program_id(0).to(tl.int64)
     t_row = t_ptr + row * t_stride
     t_m = tl.load(t_max_ptr + row)
-    acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
+    acc_x = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
+    acc_s = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
     for start in range(0, n_cols, BLOCK_SIZE):
         offsets = start + tl.arange(0, BLOCK_SIZE)
         mask = offsets < n_cols
         zt = _transform(
             tl.load(t_row + offsets, mask=mask, other=0.0).to(tl.float32), t_scale, t_softcap, inv_t, T_HAS_SOFTCAP
         )
-        et = tl.where(mask, tl.exp(zt - t_m), 0.0)
-        acc += et * tl.where(mask, zt, 0.0)
-    rescale = tl.exp(tl.load(t_max_before_ptr + row) - t_m)
-    tl.store(t_x_sum_ptr + row, tl.load(t_x_sum_ptr + row) * rescale + tl.sum(acc, axis=0))
+        gap = tl.where(mask, zt - t_m, 0.0)
+        et = tl.where(mask, tl.exp(gap), 0.0)
+        acc_x += et * gap
+        acc_s += et
+    moved = tl.load(t_max_before_ptr + row) - t_m
+    rescale = tl.exp(moved)
+    s0 = tl.load(t_exp_sum_ptr + row)
+    shift = tl.where(s0 > 0, moved * s0, 0.0)
+    tl.store(t_x_sum_ptr + row, (tl.load(t_x_sum_ptr + row) + shift) * rescale + tl.sum(acc_x, axis=0))
+    tl.store(t_exp_sum_ptr + row, s0 * rescale + tl.sum(acc_s, axis=0))
 
 
 def materialize_lm_head(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):

@@ -21,12 +21,15 @@ import torch
 from ..core.checks import check_ratio
 from ..core.selectors import SELECTORS
 from ..models import hub_model_id, model_license
-from ..pair.arguments import PairArguments
+from ..pair.arguments import PairArguments, refuse_layer_flags
 from ..pair.loading import load_models, public_model_names
 from ..pair.problems import ANSWER_TEACHER_PROMPT_TEMPLATE, pair_problems
 from ..pair.scoring import answer_accuracy, greedy_rollouts, token_kls
+from ..pair.training import pair_config
 from ..trainer.privileged_context import teacher_prompt
+from ..trainer.run_folder import refuse_run_folder_as_parent
 from ..trainer.tip_config import TEACHER_MODEL_KINDS
+from ..utils.command_errors import usage_errors
 from ..utils.files import write_text_atomically
 
 
@@ -45,7 +48,13 @@ class DemoArguments(PairArguments):
     selector: str = field(
         default="soft_or", metadata={"help": f"Token selector: {', '.join(SELECTORS)}.", "choices": tuple(SELECTORS)}
     )
-    ratio: float = field(default=0.5, metadata={"help": "Retention ratio in (0, 1]."})
+    ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "Retention ratio in (0, 1]: the share of each rollout's tokens the ratio selectors keep (default "
+            "0.5), of the in-quadrant tokens `quadrant` keeps (default 1.0); `all` keeps every token (1.0)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed for problems, rollouts and selection."})
     output_dir: str = field(default="outputs", metadata={"help": "Parent folder of the run folder."})
     run_name: str | None = field(
@@ -63,14 +72,32 @@ class DemoArguments(PairArguments):
                 f"--teacher-model-kind must be one of {', '.join(TEACHER_MODEL_KINDS)}; "
                 f"got {self.teacher_model_kind!r}."
             )
+        if self.ratio is None:
+            self.ratio = default_ratio(self.selector)
         try:
             self.ratio = check_ratio("ratio", self.ratio)
         except ValueError:
             raise ValueError(f"--ratio must be a number in (0, 1]; got {self.ratio!r}.") from None
+        if self.selector == "all" and self.ratio != 1.0:
+            raise ValueError(
+                f"--ratio {self.ratio:g} has no effect with --selector all, which keeps every valid token. Leave "
+                "--ratio out for `all`, or pick a ratio selector such as --selector random."
+            )
+        if self.teacher_model_kind is not None:
+            refuse_layer_flags(
+                self, f"--teacher-model-kind {self.teacher_model_kind} trains the full model against itself"
+            )
 
     @property
     def self_distillation(self) -> bool:
         return self.teacher_model_kind is not None
+
+
+def default_ratio(selector: str) -> float:
+    """The ratio `selector` runs with when --ratio is not given (TIPConfig's default for it)."""
+    from ..trainer.tip_config import _resolve_selection_ratio
+
+    return _resolve_selection_ratio(selector, None)
 
 
 def make_parser():
@@ -101,6 +128,8 @@ def reproduce_command(args: DemoArguments) -> str:
     for name in DemoArguments.__dataclass_fields__:
         value = getattr(args, name)
         if name in ("output_dir", "run_name", "overwrite") or value == getattr(defaults, name):
+            continue
+        if name == "ratio" and value == default_ratio(args.selector):
             continue
         flags.append(f"--{name.replace('_', '-')} {without_local_path(value)}")
     return " ".join(["trl-tip demo", *flags])
@@ -136,12 +165,12 @@ def run_demo(args: DemoArguments) -> str:
     """Runs the whole demo and returns the finished run folder: load, evaluate, train, evaluate again, write."""
     started = time.time()
     run_name, final_dir = _run_folder(args)
+    train_set, held_out = _problems(args)  # before the models load: a --dataset too small for a batch fails first
     torch.manual_seed(args.seed)
     teacher, student, tokenizer, _, _ = load_models(args, args.self_distillation)
     teacher_name, student_name = public_model_names(
         args, (teacher or student).config.num_hidden_layers, args.teacher_model_kind
     )
-    train_set, held_out = _problems(args)
     self_distillation = teacher is None
     # The privileged self before training: the initial weights, reading the answer (a copy, as the student trains).
     initial = copy.deepcopy(student).eval() if self_distillation else teacher
@@ -202,6 +231,7 @@ def _run_folder(args: DemoArguments) -> tuple[str, str]:
     prefix = "demo" if args.teacher_model_kind is None else f"demo-self-{args.teacher_model_kind}"
     run_name = args.run_name or f"{prefix}-{args.selector}-{args.ratio:g}"
     final_dir = os.path.join(args.output_dir, run_name)
+    refuse_run_folder_as_parent("--output-dir", args.output_dir, "the demo's run folder")
     if os.path.exists(final_dir) and not args.overwrite:
         raise ValueError(f"{final_dir} already exists; pass --overwrite or choose --run-name.")
     return run_name, final_dir
@@ -218,29 +248,18 @@ def _fresh_staging_dir(output_dir: str, run_name: str) -> str:
 def demo_config(args: DemoArguments, output_dir: str):
     """The demo's `TIPConfig`: `args.steps` optimizer steps of TIP reverse-KL distillation with the chosen selector,
     logged every step, nothing saved during training, on the CPU unless CUDA is there."""
-    from ..trainer.tip_config import TIPConfig
-
-    selector_kwargs = {} if args.selector in ("all", "quadrant") else {"selection_ratio": args.ratio}
-    return TIPConfig(
-        output_dir=output_dir,
+    selector_kwargs = {} if args.selector == "all" else {"selection_ratio": args.ratio}
+    self_teacher = (
+        {} if args.teacher_model_kind is None else {"teacher_prompt_template": ANSWER_TEACHER_PROMPT_TEMPLATE}
+    )
+    return pair_config(
+        args,
+        output_dir,
+        args.seed,
         token_selector=args.selector,
-        **selector_kwargs,
-        max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size,
-        max_completion_length=args.max_new_tokens,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="cosine",
-        beta=1.0,
-        temperature=1.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        bf16=False,
-        use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=False,
-        seed=args.seed,
         teacher_model_kind=args.teacher_model_kind,
-        **({} if args.teacher_model_kind is None else {"teacher_prompt_template": ANSWER_TEACHER_PROMPT_TEMPLATE}),
+        **selector_kwargs,
+        **self_teacher,
     )
 
 
@@ -320,7 +339,7 @@ def write_report_and_card(output_dir: str, trainer, report: dict, args: DemoArgu
         student=report["student"],
         selector=args.selector,
         selector_kwargs=None,
-        ratio_text="100% of tokens" if args.selector == "all" else f"{100 * args.ratio:g}% of each rollout's tokens",
+        ratio_text=demo_ratio_text(trainer, args),
         beta=1.0,
         temperature=1.0,
         normalization="the number of selected tokens",
@@ -333,6 +352,19 @@ def write_report_and_card(output_dir: str, trainer, report: dict, args: DemoArgu
         recipe=reproduce_command(args),
         recipe_language="bash",
     )
+
+
+def demo_ratio_text(trainer, args: DemoArguments) -> str:
+    """The card's kept share: the ratio rule, or for `quadrant` (whose count depends on the statistics) the share
+    kept, measured."""
+    from ..hub.model_card import measured_kept_text, quadrant_rule_text
+
+    if args.selector == "all":
+        return "100% of tokens"
+    if args.selector == "quadrant":
+        rule = quadrant_rule_text(trainer.token_selector.quadrants, trainer.token_selector.ratio)
+        return measured_kept_text(rule, trainer.quadrant_tracker)
+    return f"{100 * args.ratio:g}% of each rollout's tokens"
 
 
 def _comparison(ev: dict) -> dict:
@@ -375,7 +407,6 @@ def _summary(report: dict, final_dir: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
+    # ModelSourceError included: a bad model, option, dataset or run folder, named in the message.
+    with usage_errors("demo", ValueError):
         run_demo(parse_args(argv))
-    except ValueError as error:  # ModelSourceError included: a bad model, option or run folder, named in the message
-        sys.exit(f"trl-tip demo: {error}")

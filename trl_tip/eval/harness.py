@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from ..data import load_json_rows, text_problem
+from ..utils.command_errors import usage_errors
 from ..utils.files import read_jsonl, write_jsonl_atomically, write_text_atomically
 from .grading import ANSWER_FORMATS, grade, gsm8k_reference, score_samples
 
@@ -66,10 +67,19 @@ def _is_local_file(name: str) -> bool:
     return name.endswith((".jsonl", ".json")) or os.path.isfile(name)
 
 
-def _row_problem(row: dict, where: str) -> Problem:
-    text = row.get("problem", row.get("question"))
-    if text is None or "answer" not in row:
+def _row_problem(row: dict, where: str, index: int | None = None) -> Problem:
+    column = "problem" if "problem" in row else "question"
+    text = row.get(column)
+    if column not in row or "answer" not in row:
         raise ValueError(f"{where}: each row needs `problem` (or `question`) and `answer`; got fields {sorted(row)}.")
+    for name, value in ((column, text), ("answer", row["answer"])):
+        reason = text_problem(value)
+        if reason is not None:
+            at = f" row {index} (0-based)" if index is not None else ""
+            raise ValueError(
+                f"{where}{at}, column `{name}`: the value {reason}; every problem needs its text and its reference "
+                "answer (a null answer would be graded against the text 'None'). Fill it in or drop the row."
+            )
     answer = str(row["answer"])
     # GSM8K's reference answers are worked solutions ending in "#### <number>".
     return Problem(str(text), gsm8k_reference(answer) if "####" in answer else answer.strip())
@@ -99,7 +109,7 @@ def load_benchmark(name: str, limit: int | None = None, answer_format: str | Non
     elif _is_local_file(name):
         if not os.path.isfile(name):
             raise FileNotFoundError(f"Benchmark file {name!r} does not exist.")
-        rows = datasets.load_dataset("json", data_files=name, split="train")
+        rows = load_json_rows(name)
         source = os.path.abspath(name)
         default_format = "number" if rows.num_rows and "####" in str(rows[0].get("answer", "")) else "boxed"
     else:
@@ -108,7 +118,7 @@ def load_benchmark(name: str, limit: int | None = None, answer_format: str | Non
         )
     if limit is not None:
         rows = rows.select(range(min(limit, rows.num_rows)))
-    problems = [_row_problem(row, source) for row in rows]
+    problems = [_row_problem(row, source, index) for index, row in enumerate(rows)]
     if not problems:
         raise ValueError(f"Benchmark {name!r} has no problems.")
     return Benchmark(benchmark_label(name), source, answer_format or default_format, problems)
@@ -556,8 +566,6 @@ def parse_args(argv: list[str] | None = None) -> EvalArguments:
 def main(argv: list[str] | None = None) -> None:
     from ..models import ModelSourceError
 
-    try:
+    with usage_errors("eval", ValueError, FileNotFoundError, ModelSourceError, ImportError):
         summary = evaluate(parse_args(argv))
-    except (ValueError, FileNotFoundError, ModelSourceError, ImportError) as error:
-        sys.exit(f"trl-tip eval: {error}")
     print(format_summary(summary))

@@ -49,6 +49,24 @@ def quadrant_rows(tracker: QuadrantTracker) -> tuple[list[dict], dict[str, float
     return rows, summary
 
 
+def measured_kept_text(rule: str, tracker: QuadrantTracker) -> str:
+    """The kept share of a selector whose count depends on the statistics (`quadrant`, a custom rule), as the card
+    states it: the rule, then the share of valid tokens it kept, measured over the steps the tracker recorded."""
+    summary = tracker.total().summary()
+    if not summary["num_tokens"]:
+        return f"{rule}; no token statistics were recorded"
+    return (
+        f"{rule}: {100 * summary['selected_fraction']:.1f}% of the valid tokens kept, measured over the "
+        f"{int(summary['num_tokens']):,} tokens recorded"
+    )
+
+
+def quadrant_rule_text(quadrants, ratio: float) -> str:
+    """The `quadrant` selector's rule in words: which quadrants, and which share of their tokens."""
+    share = "every token" if ratio == 1.0 else f"a random {100 * ratio:g}% of the tokens"
+    return f"{share} of quadrants {', '.join(quadrants)}"
+
+
 def loss_name(beta: float | str) -> str:
     if isinstance(beta, str):
         # A `beta_schedule` ("0:0,0.5:1"): piecewise over training progress.

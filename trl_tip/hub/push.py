@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from ..utils.command_errors import debugging, explicit_bool_flags, usage_exit
 from ..utils.files import STAGING_SUFFIX
 
 
@@ -26,8 +27,17 @@ STATS_SUFFIX = "-tip-stats"
 STATS_CONFIGS = ("steps", "histogram")
 STATS_TAGS = ["trl-tip", "tip", "distillation", "quadrant-statistics"]
 # What a run folder holds that does not belong in the model repo: transformers' own exclusions (checkpoints, "_*"),
-# plus staging files of interrupted writes.
-IGNORED_IN_MODEL_REPO = ["checkpoint-*", "_*", f"*{STAGING_SUFFIX}", f"**/*{STAGING_SUFFIX}"]
+# plus staging files and folders of interrupted writes and the lock file of a `trl-tip study` (fnmatch's `*` crosses
+# `/`, so each pattern also covers nested paths).
+IGNORED_IN_MODEL_REPO = [
+    "checkpoint-*",
+    "_*",
+    f"*{STAGING_SUFFIX}",
+    f"**/*{STAGING_SUFFIX}",
+    f"*{STAGING_SUFFIX}/*",
+    ".lock",
+    "*/.lock",
+]
 
 
 class HubPushError(RuntimeError):
@@ -121,7 +131,11 @@ def render_stats_card(card_data, tracker, dataset_id: str, model_id: str, plot: 
     from .model_card import quadrant_rows, render_template
 
     quadrants, summary = quadrant_rows(tracker)
-    card_data["license"] = card_data.get("license") or "apache-2.0"
+    # The statistics describe the student's run: they carry the student card's licence, when it states one, and no
+    # licence is claimed otherwise.
+    license = run.get("license") or card_data.get("license")
+    if license:
+        card_data["license"] = license
     card_data["tags"] = sorted(set(card_data.get("tags") or []) | set(STATS_TAGS))
     entropy, divergence = tracker.entropy_threshold, tracker.divergence_threshold
     split_text = (
@@ -330,6 +344,11 @@ def make_parser():
 def parse_args(argv: list[str] | None = None) -> PushArguments:
     """The options of `trl-tip push`, the run folder given first or as `--output_dir`; argparse's errors exit."""
     parser = make_parser()
+    if argv is None:
+        import sys
+
+        argv = sys.argv[1:]
+    argv = explicit_bool_flags(list(argv), ("--private",))
     args, positional = parser.parse_args_into_dataclasses(argv, return_remaining_strings=False)
     if positional.run_dir and args.output_dir and positional.run_dir != args.output_dir:
         parser.error(
@@ -362,8 +381,12 @@ def main(argv: list[str] | None = None) -> None:
             wait=args.retry_wait,
         )
     except HubPushError as error:
-        sys.exit(f"trl-tip push: {error}")
+        if debugging():
+            raise
+        raise usage_exit("push", error) from None
     except Exception as error:
+        if debugging():
+            raise
         sys.exit(
             f"trl-tip push: {type(error).__name__}: {error}\nThe run folder {args.output_dir} is intact; run the "
             "same command again to complete the push."

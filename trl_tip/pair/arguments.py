@@ -55,6 +55,30 @@ class PairArguments:
             raise ValueError(f"--eval-problems must be at least 2; got {self.eval_problems}.")
         if isinstance(self.learning_rate, bool) or not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
             raise ValueError(f"--learning-rate must be a positive number; got {self.learning_rate!r}.")
+        if self.student is not None:
+            refuse_layer_flags(self, "--student gives the student, so no layers are removed from the teacher")
+
+    def layer_flags(self) -> list[str]:
+        """The layer flags set away from their defaults (`--student-layers`, `--drop-layers`)."""
+        return [
+            f"--{flag(f.name)}"
+            for f in fields(PairArguments)
+            if f.name in LAYER_FIELDS and getattr(self, f.name) != f.default
+        ]
+
+
+# The options that choose which teacher layers the compressed student keeps.
+LAYER_FIELDS = ("student_layers", "drop_layers")
+
+
+def refuse_layer_flags(args: PairArguments, reason: str) -> None:
+    """Raises ValueError when a layer flag is set although `reason` says no student is compressed."""
+    given = args.layer_flags()
+    if given:
+        raise ValueError(
+            f"{' and '.join(given)} {'has' if len(given) == 1 else 'have'} no effect here: {reason}. Leave "
+            f"{'it' if len(given) == 1 else 'them'} out."
+        )
 
 
 def flag(name: str) -> str:

@@ -147,7 +147,18 @@ def pair_problems(args, seed: int, drop_held_out_from_train: bool = True):
     with an integer answer (GSM8K's `#### n` included), shuffled with `seed`: the first `eval_problems` are held out,
     the next `train_problems` train."""
     if args.dataset:
-        return _dataset_problems(args.dataset, args.train_problems, args.eval_problems, seed)
+        train, held_out = _dataset_problems(args.dataset, args.train_problems, args.eval_problems, seed)
+        # Fewer prompts than one batch would train zero steps (TRL's sampler drops an incomplete batch).
+        needed = args.batch_size // getattr(args, "num_rollouts_per_prompt", 1)
+        if train.num_rows < needed:
+            raise ValueError(
+                f"--dataset {args.dataset!r} leaves {train.num_rows} training rows after the {args.eval_problems} "
+                f"held-out problems (--eval-problems); one optimizer step needs {needed} "
+                f"(--batch-size {args.batch_size}"
+                + (f" / --num-rollouts-per-prompt {args.num_rollouts_per_prompt}" if needed != args.batch_size else "")
+                + "). Use a larger dataset, or lower --eval-problems or --batch-size."
+            )
+        return train, held_out
     held_out = make_problems(args.eval_problems, seed=seed + 10_000, steps=1, digits=1)
     train = make_problems(args.train_problems, seed=seed, steps=(1, 2), digits=1)
     if drop_held_out_from_train:
@@ -157,9 +168,11 @@ def pair_problems(args, seed: int, drop_held_out_from_train: bool = True):
 
 
 def _dataset_problems(name: str, n_train: int, n_eval: int, seed: int):
-    from ..data import load_prompt_dataset
+    from ..data import check_rows, load_prompt_dataset, prompt_problem
 
-    data = load_prompt_dataset(name)["train"].shuffle(seed=seed)
+    data = load_prompt_dataset(name)["train"]
+    check_rows(data, "prompt", prompt_problem, f"--dataset {name!r}", "Give every row its problem")
+    data = data.shuffle(seed=seed)
     if "answer" not in data.column_names:
         raise ValueError(
             f"--dataset {name!r} needs an `answer` column for the evaluation; it has {data.column_names}."

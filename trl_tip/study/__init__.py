@@ -34,10 +34,12 @@ def main(argv: list[str] | None = None) -> None:
     """`trl-tip study ...`: errors in the arguments or the folder exit with one line naming the option."""
     import sys
 
-    from ..models import ModelSourceError
+    import yaml
 
-    try:
+    from ..models import ModelSourceError
+    from ..utils.command_errors import check_config_file, usage_errors
+
+    with usage_errors("study", ValueError, ModelSourceError, FileNotFoundError, yaml.YAMLError):
+        check_config_file(sys.argv[1:] if argv is None else argv)
         args = parse_args(argv)
         run_study(args)
-    except (ValueError, ModelSourceError) as error:
-        sys.exit(f"trl-tip study: {error}")

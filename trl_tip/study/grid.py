@@ -233,8 +233,8 @@ class StudyArguments(PairArguments):
             raise ValueError(f"--problem-seed must be a non-negative integer; got {self.problem_seed!r}.")
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"--beta must be in [0, 1] (0 forward KL, 1 reverse KL); got {self.beta!r}.")
-        if not self.temperature > 0:
-            raise ValueError(f"--temperature must be positive; got {self.temperature!r}.")
+        if not 0 < self.temperature < math.inf:
+            raise ValueError(f"--temperature must be a positive finite number; got {self.temperature!r}.")
         if self.selection_scope not in SELECTION_SCOPES:
             raise ValueError(
                 f"--selection-scope must be one of {', '.join(SELECTION_SCOPES)}; got {self.selection_scope!r}."

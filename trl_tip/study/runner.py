@@ -128,14 +128,14 @@ class StudyContext:
     The baselines (`baselines.json`, with the teacher's greedy completions, and `teacher_states.pt`, the teacher's
     last hidden states on them) are computed by the first process that needs them and reused by every later one."""
 
-    def __init__(self, args: StudyArguments, folder: Path):
+    def __init__(self, args: StudyArguments, folder: Path, problems: tuple | None = None):
         from ..pair.loading import load_models, public_model_names
         from ..pair.scoring import completion_states
         from .evaluation import compute_baselines, rollouts_from_json, study_problems
 
         self.args = args
-        # The data first: a --dataset with too few rows fails before any model loads.
-        self.train_set, self.held_out = study_problems(args)
+        # The data first (`run_study` reads it before writing anything): a bad --dataset fails before a model loads.
+        self.train_set, self.held_out = problems if problems is not None else study_problems(args)
         self.teacher, self.student, self.tokenizer, _, _ = load_models(args)
         # Results and summaries are shared: models by name (Hub id, or a local folder's base name), never by path.
         self.teacher_name, self.student_name = public_model_names(args, self.teacher.config.num_hidden_layers)
@@ -299,6 +299,9 @@ def run_study(args: StudyArguments) -> str:
     folder = Path(args.output_dir)
     grid = args.grid
     refuse_run_folder_as_parent("--output-dir", str(folder), "the study's files")
+    from .evaluation import study_problems
+
+    problems = study_problems(args)  # a --dataset with bad or too few rows fails before the folder is written
     folder.mkdir(parents=True, exist_ok=True)
     with study_lock(folder):
         check_settings(folder, args)
@@ -316,7 +319,7 @@ def run_study(args: StudyArguments) -> str:
         if pending:
             if args.threads:
                 torch.set_num_threads(args.threads)
-            ctx = StudyContext(args, folder)
+            ctx = StudyContext(args, folder, problems)
             previous = [r["wall_time_s"] for r in done.values() if "wall_time_s" in r]
             session = []
             for position, (i, rule, seed) in enumerate(pending):

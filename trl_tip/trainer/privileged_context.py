@@ -52,10 +52,18 @@ def check_teacher_prompt_template(template: Any) -> None:
     """Raises ValueError unless `template` is a format string that uses `{prompt}`."""
     if not isinstance(template, str):
         raise ValueError(f"`teacher_prompt_template` must be a string; got {template!r}.")
-    if PROMPT_FIELD not in template_fields(template):
+    names = template_fields(template)
+    if PROMPT_FIELD not in names:
         raise ValueError(
             f"`teacher_prompt_template` {template!r} never uses `{{prompt}}`: the teacher would not see the problem. "
             'Include it, e.g. "{prompt}\\n\\n{privileged_context}".'
+        )
+    if names == [PROMPT_FIELD] and not template.format(prompt="").strip():
+        raise ValueError(
+            f"`teacher_prompt_template` {template!r} gives the self teacher exactly the student's prompt, so teacher "
+            "and student are one model reading one text: every divergence is 0 and nothing trains. Add the "
+            'privileged context the student does not see, e.g. "{prompt}\\n\\n{privileged_context}" (a dataset '
+            "column)."
         )
 
 

@@ -97,20 +97,15 @@ class ProblemWeightingMixin:
             **columns,
         )
         # `None` is TRL's "cannot grade this one" (e.g. `accuracy_reward` on an unparsable reference): left out.
-        rewards = [math.nan if r is None else float(r) for r in rewards]
-        if len(rewards) != len(texts) or any(not 0.0 <= r <= 1.0 for r in rewards if not math.isnan(r)):
-            raise ValueError(
-                f"`reward_func` must return one reward in [0, 1] (1.0 correct, 0.0 wrong) or None (not gradable) per "
-                f"completion for PACED's pass rate; got {rewards} for {len(texts)} completions."
-            )
-        return rewards
+        # A list of None (nothing gradable) is allowed: those problems weigh 0, and `_add_rollout_weights` warns.
+        return checked_rewards(rewards, len(texts))
 
     def _normalizer_share(self, loss_mask):
         """Each rollout's tokens in the loss's denominator: its kept count when `loss_normalization="selected"` and
         the selector's count follows from the masks, else its valid tokens. The weights keep these counts' total, so
         the weighted loss is a per-token average of exactly the tokens the normalizer counts."""
         if self.args.loss_normalization == "selected" and self._count_follows_from_masks:
-            return kept_per_sequence(loss_mask, self.token_selector.ratio)
+            return kept_per_sequence(loss_mask, self._ratio_kept())
         return loss_mask.sum(dim=1)
 
     def _add_rollout_weights(self, inputs: list[dict], output: dict) -> None:
@@ -151,7 +146,56 @@ class ProblemWeightingMixin:
             )
 
 
+REWARD_CONTRACT = (
+    "`reward_func` must return one reward in [0, 1] (1.0 correct, 0.0 wrong) or None (not gradable) per completion "
+    "for PACED's pass rate, as a list"
+)
+
+
+def checked_rewards(rewards, num_completions: int) -> list[float]:
+    """A reward function's output as floats (None -> NaN, "not gradable"); raises ValueError naming `reward_func`
+    and the first bad value: a string, a NaN (say None instead), a number outside [0, 1], or the wrong count."""
+    if hasattr(rewards, "tolist") and not isinstance(rewards, (list, tuple)):
+        rewards = rewards.tolist()  # a tensor or array of rewards
+    if not isinstance(rewards, (list, tuple)):
+        raise ValueError(f"{REWARD_CONTRACT}; got a {type(rewards).__name__}: {rewards!r}.")
+    if len(rewards) != num_completions:
+        raise ValueError(f"{REWARD_CONTRACT}; got {len(rewards)} rewards for {num_completions} completions.")
+    values = []
+    for position, reward in enumerate(rewards):
+        if hasattr(reward, "item") and not isinstance(reward, (str, bytes)):
+            reward = reward.item()  # a 0-d tensor or a numpy scalar
+        if reward is None:
+            values.append(math.nan)
+            continue
+        if isinstance(reward, (str, bytes)) or not isinstance(reward, (int, float)):
+            raise ValueError(
+                f"{REWARD_CONTRACT}; completion {position} got {reward!r} ({type(reward).__name__}). Convert it to a "
+                "number, e.g. `float(correct)`."
+            )
+        if math.isnan(reward):
+            raise ValueError(
+                f"{REWARD_CONTRACT}; completion {position} got NaN. Return None for a completion it cannot grade."
+            )
+        if not 0.0 <= reward <= 1.0:
+            raise ValueError(f"{REWARD_CONTRACT}; completion {position} got {reward!r}, outside [0, 1].")
+        values.append(float(reward))
+    return values
+
+
 def _reference(answer) -> str:
     """The bare final answer of an `answer` cell: a number, a LaTeX answer, or a GSM8K solution ending `#### 42`."""
     text = str(answer)
     return gsm8k_reference(text) if "####" in text else text
+
+
+def weighted_by_problem(keep: torch.Tensor, weights: torch.Tensor | None, rollout_weights: torch.Tensor | None):
+    """The loss's tokens and weights under PACED: each rollout's kept tokens times its problem weight; rollouts of
+    weight 0 leave the mask, so they cost no loss compute (their tokens still count in the normalizer, which the
+    weights' rescaling accounts for: `paced_weights`)."""
+    if rollout_weights is None:
+        return keep, weights
+    per_token = rollout_weights.to(keep.device, torch.float32).unsqueeze(-1).expand(keep.shape)
+    if weights is not None:
+        per_token = per_token * weights
+    return keep & (per_token > 0), per_token

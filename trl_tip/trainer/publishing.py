@@ -15,11 +15,15 @@ from .tip_config import field_default, fields_in_groups
 class PublishingMixin:
     """Model card and Hub push of [`TIPGKDTrainer`]; a mixin over TRL's `DistillationTrainer`."""
 
-    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None):
+    def create_model_card(
+        self, model_name: str | None = None, dataset_name: str | None = None, tags=None, output_dir: str | None = None
+    ):
         """
-        Writes `README.md` (and `quadrants.png`) to `output_dir`: trl-tip's card from `model_cards/student.md.j2`, with
-        the teacher, selector, loss, quadrant tables and training settings. TRL's own template lookup only sees
-        TRL's folder, hence the override. Extra `tags` are ignored: the card carries trl-tip's own.
+        Writes `README.md` (and `quadrants.png`) to `output_dir` (default `args.output_dir`): trl-tip's card from
+        `model_cards/student.md.j2`, with the teacher, selector, loss, quadrant tables and training settings. TRL's own
+        template lookup only sees TRL's folder, hence the override. Extra `tags` are ignored: the card carries
+        trl-tip's own. A `model_name` or `dataset_name` given once is kept by the cards written after it (each
+        `save_model` writes one, so a run saved without a checkpoint still has its card).
         """
         if not self.is_world_process_zero():
             return
@@ -27,7 +31,11 @@ class PublishingMixin:
         from ..hub.plots import plot_quadrants
         from ..models import hub_model_id, model_license
 
-        output_dir = self.args.output_dir
+        names = getattr(self, "_card_names", {})
+        model_name = names["model_name"] = model_name or names.get("model_name")
+        dataset_name = names["dataset_name"] = dataset_name or names.get("dataset_name")
+        self._card_names = names
+        output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         plot = None
         if self.quadrant_tracker.steps:

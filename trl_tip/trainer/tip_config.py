@@ -23,6 +23,7 @@ from ..core.schedules import (
 )
 from ..core.selectors import SELECTION_SCOPES, SELECTORS, QuadrantSelector, RatioSelector, build_selector
 from ..eval.grading import ANSWER_FORMATS
+from .field_checks import check_training_fields
 from .privileged_context import check_teacher_prompt_template
 
 
@@ -84,6 +85,10 @@ FIELD_GROUPS = {
     "vllm": (
         'colocated vLLM execution (only used when `vllm_mode` is `"colocate"`)',
         ("vllm_enforce_eager",),
+    ),
+    "output": (
+        "the output folder",
+        ("overwrite_output_dir",),
     ),
     "hub": (
         "the Hub",
@@ -414,6 +419,15 @@ class TIPConfig(DistillationConfig):
         },
     )
 
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train into an `output_dir` that holds another run (a saved model, card, `tip_stats/` or "
+            "`checkpoint-*`) after deleting that run's files. Without it such a folder is refused unless the run "
+            "resumes from a checkpoint (transformers 5 dropped this `TrainingArguments` field; this is its rule).",
+        },
+    )
+
     hub_stats_dataset_id: str | None = field(
         default=None,
         metadata={
@@ -424,6 +438,7 @@ class TIPConfig(DistillationConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        check_training_fields(self)  # inherited fields transformers and TRL let through (NaN beta, seed "abc", ...)
         check_choice("token_selector", self.token_selector, SELECTORS)
         if isinstance(self.token_selector_kwargs, str):
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 from collections.abc import Callable
@@ -13,16 +14,25 @@ from trl import DistillationTrainer
 
 from ..core.loss import masked_gjsd_loss
 from ..core.quadrants import QuadrantTracker
-from ..core.selectors import QuadrantSelector, RatioSelector, build_selector, resolve_selection
+from ..core.selectors import QuadrantSelector, RatioSelector, resolve_selection, selector_with_ratio
 from ..core.stats import compute_token_stats
 from ..utils.vllm_compat import apply_cpu_weight_sync_fix, vllm_engine_options
-from .benchmark_callback import BenchmarkCallback, evaluate_benchmarks
+from .benchmark_callback import BenchmarkArguments, BenchmarkCallback, evaluate_benchmarks
+from .dataset_checks import check_datasets
 from .head_rows import check_head_rows, trl_sees_equal_vocab_sizes, vocab_sizes
-from .loss_routing import check_routed, routed_to
-from .problem_weighting import ROLLOUT_WEIGHTS_KEY, ProblemWeightingMixin, check_problem_weighting
+from .loss_routing import RoutedLoss, check_routed, routed_to
+from .model_checks import RolloutWatch, check_heads_finite, check_model_sources
+from .problem_weighting import (
+    ROLLOUT_WEIGHTS_KEY,
+    ProblemWeightingMixin,
+    check_problem_weighting,
+    weighted_by_problem,
+)
 from .publishing import PublishingMixin
 from .rollouts import RolloutMixin, rollout_loss_mask
-from .scheduling import ScheduleMixin
+from .run_folder import claim_output_dir
+from .scheduling import SELECTION_RATIO_KEY, ScheduleMixin
+from .selector_contract import KeptNothingWatch, selector_and_config
 from .self_teacher import (
     SelfTeacherMixin,
     check_self_teacher,
@@ -110,6 +120,9 @@ class TIPGKDTrainer(
             reward function `fn(prompts, completions, completion_ids, **columns) -> list[float]` (the dataset's other
             columns as keyword lists, as in `GRPOTrainer`), returning 1.0 for a correct rollout and 0.0 otherwise
             (values in between count as partial credit in the pass rate).
+        benchmark_args ([`~trl_tip.trainer.benchmark_callback.BenchmarkArguments`], *optional*):
+            Math benchmarks to evaluate the student on when training ends (results logged, written to
+            `<output_dir>/eval/<benchmark>/` and put in the model card's model-index).
     """
 
     _tag_names = ["trl", "distillation", "trl-tip", "tip"]
@@ -130,42 +143,16 @@ class TIPGKDTrainer(
         tools: list[Callable] | None = None,
         token_selector: Any = None,
         reward_func: Callable | None = None,
+        benchmark_args: BenchmarkArguments | None = None,
     ):
-        if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
-            args = TIPConfig(f"{str(name).split('/')[-1]}-TIP")
-        elif not isinstance(args, TIPConfig):
-            raise TypeError(f"`args` must be a `TIPConfig`; got {type(args).__name__}. Build one with TIPConfig(...).")
+        args = _resolve_args(args, model)
         check_self_teacher(args, model, teacher_model, peft_config, train_dataset, eval_dataset)
-        if args.teacher_model_kind is not None:
-            teacher_model = frozen_copy_source(args, model, peft_config)
-        elif teacher_model is None:
-            teacher_model = args.teacher_model_name_or_path
-        if teacher_model is None and args.teacher_model_kind is None:
-            raise ValueError(
-                "TIPGKDTrainer needs a teacher: pass `teacher_model=` (a model or a path/Hub id) or set "
-                "`teacher_model_name_or_path` in the TIPConfig, or set `teacher_model_kind` to make the student its "
-                "own teacher."
-            )
-        if args.push_to_hub:
-            from ..hub.push import require_token
-
-            # transformers creates the Hub repo in __init__; without a token, say so before anything runs.
-            require_token(args.hub_token)
-        if args.lmbda < 1.0:
-            if tools:
-                raise ValueError(
-                    "`lmbda` < 1 (training on dataset completions) is not supported together with `tools`."
-                )
-            columns = getattr(train_dataset, "column_names", None) or []
-            if train_dataset is not None and "completion" not in columns:
-                raise ValueError(
-                    f"`lmbda`={args.lmbda} trains on the dataset's own completions part of the time, so the train "
-                    f"dataset needs a `completion` column (prompt/completion format); it has {columns}."
-                )
-        check_problem_weighting(args, train_dataset, reward_func)
+        check_model_sources(model, teacher_model, args)
+        teacher_model = _setup_teacher_model(args, model, teacher_model, peft_config)
+        _check_training_inputs(args, train_dataset, eval_dataset, tools, reward_func)
         self.reward_func = reward_func
-        self.token_selector = build_selector(token_selector) if token_selector is not None else args.build_selector()
+        # `token_selector` applies to a copy of `args`; every other selection setting there is used or refused.
+        args, self.token_selector = selector_and_config(args, token_selector)
 
         engine_options = {}
         if args.use_vllm and args.vllm_mode == "colocate":
@@ -196,31 +183,43 @@ class TIPGKDTrainer(
                 tools=tools,
             )
         check_head_rows(self, teacher_model, *head_rows)
+        check_heads_finite(self)
+        self._rollout_watch = RolloutWatch(self, *head_rows)
         self._init_self_teacher()
-        if args.benchmarks:
-            self.add_callback(BenchmarkCallback(self))
+        self.benchmark_args = benchmark_args
+        if benchmark_args is not None and benchmark_args.benchmarks:
+            self.add_callback(BenchmarkCallback(self, benchmark_args))
+        self._init_selection_state()
+        self._init_schedules()
+        self._check_rollout_groups(train_dataset)
+
+    def _init_selection_state(self) -> None:
+        """The selection's generators, the kept-nothing watch and the quadrant tracker."""
+        args = self.args
         self.selection_seed = args.seed if args.selection_seed is None else args.selection_seed
         # Per rank: ranks hold different rollouts; reseeded identically so runs and resumes repeat exactly.
         self._selection_generator = torch.Generator().manual_seed(self.selection_seed + self.accelerator.process_index)
         # One on/off-policy draw per generation batch, identical on every rank: generation is a collective under vLLM
         # and ZeRO-3, so all ranks must take the same branch.
         self._policy_rng = random.Random(self.selection_seed)
-        self._last_selection = None
-        self._rollout_weights = None
-        self._init_schedules()
+        self._kept_nothing = KeptNothingWatch()
         entropy_threshold, divergence_threshold = args.quadrant_threshold_values
         self.quadrant_tracker = QuadrantTracker(entropy_threshold, divergence_threshold)
-        rollouts = args.num_rollouts_per_prompt
-        if rollouts > 1:
-            if isinstance(train_dataset, IterableDataset):
-                raise ValueError("`num_rollouts_per_prompt` > 1 needs a map-style (non-streaming) train dataset.")
-            # TIPConfig checks this when built; checked again for batch fields changed on the config afterwards.
-            check_rollouts_divide_generation_batch(
-                rollouts,
-                args.per_device_train_batch_size,
-                self.accelerator.num_processes,
-                args.gradient_accumulation_steps,
-            )
+
+    def _check_rollout_groups(self, train_dataset) -> None:
+        """Each generation batch holds whole groups of a prompt's `num_rollouts_per_prompt` rollouts."""
+        args = self.args
+        if args.num_rollouts_per_prompt == 1:
+            return
+        if isinstance(train_dataset, IterableDataset):
+            raise ValueError("`num_rollouts_per_prompt` > 1 needs a map-style (non-streaming) train dataset.")
+        # TIPConfig checks this when built; checked again for batch fields changed on the config afterwards.
+        check_rollouts_divide_generation_batch(
+            args.num_rollouts_per_prompt,
+            args.per_device_train_batch_size,
+            self.accelerator.num_processes,
+            args.gradient_accumulation_steps,
+        )
 
     # ----------------------------------------------------------------------------------------------------------------
     # Rollouts: GKD's lmbda mixes on-policy student rollouts with the dataset's own completions.
@@ -234,6 +233,7 @@ class TIPGKDTrainer(
         finally:
             self._dataset_examples = None
         self._add_teacher_prompts(inputs, output)
+        self._rollout_watch.see(output)
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["tip/on_policy"].append(0.0 if off_policy else 1.0)
         if self.args.problem_weighting == "paced" and self.model.training and not off_policy:
@@ -242,7 +242,11 @@ class TIPGKDTrainer(
             # Ratio selectors keep a count that follows from the masks alone, so the global normalizer of the whole
             # generation batch (all accumulation steps, all ranks) is known before any statistics are computed.
             loss_mask = rollout_loss_mask(output)
-            output["num_selected_in_batch"] = self.accelerator.gather(self.token_selector.count(loss_mask)).sum()
+            selector = self._selector_at(self.selection_ratio_in_force)
+            output["num_selected_in_batch"] = self.accelerator.gather(selector.count(loss_mask)).sum()
+        if self.selection_ratio_in_force is not None:
+            # The ratio this generation batch trains with travels with its rollouts to every micro-batch's selection.
+            output[SELECTION_RATIO_KEY] = torch.tensor(self.selection_ratio_in_force, dtype=torch.float64)
         return output
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -254,15 +258,23 @@ class TIPGKDTrainer(
         if self.args.loss_normalization == "selected" and inputs.get("num_selected_in_batch") is not None:
             # TRL's compute_loss turns inputs["num_items_in_batch"] into the per-process denominator.
             inputs = {**inputs, "num_items_in_batch": inputs["num_selected_in_batch"]}
-        self._rollout_weights = inputs.get(ROLLOUT_WEIGHTS_KEY)
-        try:
-            with routed_to(self._tip_divergence_loss) as route, self._teacher_reads_privileged_context(inputs):
-                output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        finally:
-            self._rollout_weights = None
+        ratio = inputs.get(SELECTION_RATIO_KEY)
+        loss = functools.partial(
+            self._tip_divergence_loss,
+            selector=self._selector_at(None if ratio is None else float(ratio)),
+            rollout_weights=inputs.get(ROLLOUT_WEIGHTS_KEY),
+        )
+        with routed_to(loss) as route, self._teacher_reads_privileged_context(inputs):
+            output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         check_routed(route, "training" if self.model.training else "evaluation")
-        self._record_selection()
+        if route.outputs:
+            self._record_selection(*route.outputs[-1])
         return output
+
+    def _selector_at(self, ratio: float | None):
+        """The selector a batch trains with: `token_selector` (never changed) at the ratio in force, when that
+        differs from its own (a schedule's ratio)."""
+        return self.token_selector if ratio is None else selector_with_ratio(self.token_selector, ratio)
 
     def _tip_divergence_loss(
         self,
@@ -274,9 +286,15 @@ class TIPGKDTrainer(
         beta,
         num_items_in_batch=None,
         temperature=1.0,
+        *,
+        selector,
+        rollout_weights: torch.Tensor | None = None,
         **head_kwargs,
     ):
-        """Drop-in for TRL's `_chunked_divergence_loss`: statistics, selection, then the masked loss."""
+        """Drop-in for TRL's `_chunked_divergence_loss` (with this batch's `selector` and PACED `rollout_weights`
+        bound by `compute_loss`): statistics, selection, then the masked loss. Returns TRL's value and, for
+        `compute_loss`, what the quadrant statistics record: (statistics, kept tokens, the training objective in
+        evaluation)."""
         training = self.model.training
         stats = compute_token_stats(
             student_hidden_states,
@@ -289,22 +307,25 @@ class TIPGKDTrainer(
             **head_kwargs,
         )
         generator = self._selection_generator if training else torch.Generator().manual_seed(self.selection_seed)
-        selection = resolve_selection(self.token_selector, stats, generator)
+        selection = resolve_selection(selector, stats, generator)
+        self._kept_nothing.see(selection, selector, self.state.global_step)
         if training and self.args.loss_normalization == "selected" and num_items_in_batch is not None:
             if not self._count_follows_from_masks:
                 num_items_in_batch = self._estimated_selected_count(selection.mask)
         projection = (student_hidden_states, teacher_hidden_states, student_lm_head_weight, teacher_lm_head_weight)
         options = {"beta": beta, "temperature": temperature, "valid_mask": stats.mask, "stats": stats, **head_kwargs}
-        loss_mask, token_weights = self._weighted_by_problem(selection.mask, selection.weights)
+        loss_mask, token_weights = weighted_by_problem(selection.mask, selection.weights, rollout_weights)
+        # In evaluation a given `num_items_in_batch` (TRL's contract: the valid tokens' count) divides `eval_loss`.
+        all_tokens_eval = not training and self.args.eval_loss_tokens == "all"
         loss, divergence_sum, _ = masked_gjsd_loss(
             *projection,
             loss_mask,
             token_weights=token_weights,
             normalization=self.args.loss_normalization,
-            num_items_in_batch=num_items_in_batch,
+            num_items_in_batch=None if all_tokens_eval else num_items_in_batch,
             **options,
         )
-        if training and self._adaptive_ratio is not None:
+        if training and self.follows_training_loss:
             weight = loss_mask.sum() if token_weights is None else token_weights[loss_mask.bool()].sum()
             self._record_training_loss(divergence_sum, weight)
         selected_loss = None
@@ -314,20 +335,10 @@ class TIPGKDTrainer(
             if self.args.eval_loss_tokens == "all":
                 # `eval_loss` is plain on-policy distillation's loss (every valid token, over their count): the same
                 # quantity whatever the selector and ratio, and TRL's `DistillationTrainer` reports it too.
-                loss, _, _ = masked_gjsd_loss(*projection, stats.mask, normalization="all", **options)
-        self._last_selection = (stats, loss_mask, selected_loss)
-        return loss, stats.entropy.sum(), stats.mask.sum()
-
-    def _weighted_by_problem(self, keep: torch.Tensor, weights: torch.Tensor | None):
-        """The loss's tokens and weights under PACED: each rollout's kept tokens times its problem weight; rollouts of
-        weight 0 leave the mask, so they cost no loss compute (their tokens still count in the normalizer, which the
-        weights' rescaling accounts for: `paced_weights`)."""
-        if self._rollout_weights is None:
-            return keep, weights
-        per_token = self._rollout_weights.to(keep.device, torch.float32).unsqueeze(-1).expand(keep.shape)
-        if weights is not None:
-            per_token = per_token * weights
-        return keep & (per_token > 0), per_token
+                loss, _, _ = masked_gjsd_loss(
+                    *projection, stats.mask, normalization="all", num_items_in_batch=num_items_in_batch, **options
+                )
+        return RoutedLoss((loss, stats.entropy.sum(), stats.mask.sum()), (stats, loss_mask, selected_loss))
 
     def _needs_teacher_entropy(self, training: bool) -> bool:
         """The teacher's entropy costs one more pass over the teacher's tiles: computed when this step's quadrant
@@ -353,11 +364,7 @@ class TIPGKDTrainer(
         steps = self.current_gradient_accumulation_steps
         return (kept * steps).clamp(min=1.0) / self.accelerator.num_processes
 
-    def _record_selection(self):
-        if self._last_selection is None:
-            return
-        stats, keep, selected_loss = self._last_selection
-        self._last_selection = None
+    def _record_selection(self, stats, keep: torch.Tensor, selected_loss: torch.Tensor | None) -> None:
         training = self.model.training
         if selected_loss is not None:
             # Mean over processes, as the Trainer averages `eval_loss`; a collective, so outside the wrapped forward.
@@ -379,6 +386,8 @@ class TIPGKDTrainer(
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)
         self.save_tip_stats(output_dir or self.args.output_dir)
+        if not _internal_call:  # the card beside every saved model, so a run saved without a checkpoint has one
+            self.create_model_card(output_dir=output_dir or self.args.output_dir)
 
     def save_tip_stats(self, output_dir: str):
         """Writes the quadrant statistics to `<output_dir>/tip_stats/` (main process only)."""
@@ -386,13 +395,18 @@ class TIPGKDTrainer(
             self.quadrant_tracker.save(os.path.join(output_dir, TIP_STATS_DIR))
 
     def train(self, *args, **kwargs):
+        claim_output_dir(self, args[0] if args else kwargs.get("resume_from_checkpoint"))  # refuse or clear a used one
         output = super().train(*args, **kwargs)
         self.save_tip_stats(self.args.output_dir)
         return output
 
-    def evaluate_benchmarks(self) -> list[dict]:
-        """Evaluates the student on `args.benchmarks` now; [`BenchmarkCallback`] calls this at the end of training."""
-        return evaluate_benchmarks(self)
+    def evaluate_benchmarks(self, benchmark_args: BenchmarkArguments | None = None) -> list[dict]:
+        """Evaluates the student on `benchmark_args.benchmarks` (default: the trainer's) now; [`BenchmarkCallback`]
+        calls this at the end of training."""
+        benchmark_args = benchmark_args or self.benchmark_args
+        if benchmark_args is None or not benchmark_args.benchmarks:
+            raise ValueError("No benchmarks to evaluate: pass `benchmark_args=BenchmarkArguments(benchmarks=[...])`.")
+        return evaluate_benchmarks(self, benchmark_args)
 
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
@@ -415,3 +429,57 @@ class TIPGKDTrainer(
         stats_dir = os.path.join(checkpoint, TIP_STATS_DIR)
         if os.path.isfile(os.path.join(stats_dir, "tracker.json")):
             self.quadrant_tracker = QuadrantTracker.load(stats_dir)
+
+
+def _resolve_args(args: TIPConfig | None, model) -> TIPConfig:
+    """`args`, or TIP's defaults writing to `<model name>-TIP` when omitted; anything but a `TIPConfig` is refused."""
+    if args is None:
+        name = model if isinstance(model, str) else model.config._name_or_path
+        return TIPConfig(f"{str(name).split('/')[-1]}-TIP")
+    if not isinstance(args, TIPConfig):
+        raise TypeError(f"`args` must be a `TIPConfig`; got {type(args).__name__}. Build one with TIPConfig(...).")
+    return args
+
+
+def _setup_teacher_model(args: TIPConfig, model, teacher_model, peft_config):
+    """
+    The teacher TRL's `DistillationTrainer` receives, one decision in one place (as SDFT's `_setup_teacher_model`):
+
+    | `teacher_model_kind` | `teacher_model` given | teacher                                                    |
+    |----------------------|-----------------------|------------------------------------------------------------|
+    | `base` / `ema`       | refused               | a frozen copy's source (`frozen_copy_source`)              |
+    | `live`, PEFT `base`  | refused               | `None`: the student's own backbone (`SelfTeacher`)          |
+    | unset                | yes                   | `teacher_model`                                            |
+    | unset                | no                    | `args.teacher_model_name_or_path`, else refused             |
+    """
+    if args.teacher_model_kind is not None:
+        return frozen_copy_source(args, model, peft_config)
+    teacher_model = args.teacher_model_name_or_path if teacher_model is None else teacher_model
+    if teacher_model is None:
+        raise ValueError(
+            "TIPGKDTrainer needs a teacher: pass `teacher_model=` (a model or a path/Hub id) or set "
+            "`teacher_model_name_or_path` in the TIPConfig, or set `teacher_model_kind` to make the student its "
+            "own teacher."
+        )
+    return teacher_model
+
+
+def _check_training_inputs(args: TIPConfig, train_dataset, eval_dataset, tools, reward_func) -> None:
+    """What can be refused before any model loads: a Hub push without a token, `lmbda` < 1 without completions or
+    with tools, PACED without a way to grade, and the datasets' rows and columns."""
+    if args.push_to_hub:
+        from ..hub.push import require_token
+
+        # transformers creates the Hub repo in __init__; without a token, say so before anything runs.
+        require_token(args.hub_token)
+    if args.lmbda < 1.0:
+        if tools:
+            raise ValueError("`lmbda` < 1 (training on dataset completions) is not supported together with `tools`.")
+        columns = getattr(train_dataset, "column_names", None) or []
+        if train_dataset is not None and "completion" not in columns:
+            raise ValueError(
+                f"`lmbda`={args.lmbda} trains on the dataset's own completions part of the time, so the train "
+                f"dataset needs a `completion` column (prompt/completion format); it has {columns}."
+            )
+    check_problem_weighting(args, train_dataset, reward_func)
+    check_datasets(args, train_dataset, eval_dataset, reward_func)
