@@ -405,7 +405,11 @@ class Timers:
             out = fn(*args, **kwargs)
             self.head_fwd.append(self.now() - start)
             self.stats_sel.append(self._stats_sel_now)
-            loss = out[0] if isinstance(out, tuple) else out
+            # TIP's head returns a RoutedLoss: TRL's (loss, entropy sum, count) plus what the trainer records.
+            from trl_tip.trainer.loss_routing import RoutedLoss
+
+            value = out.value if isinstance(out, RoutedLoss) else out
+            loss = value[0] if isinstance(value, tuple) else value
             hidden = kwargs.get("student_logits") if input_index is None else args[input_index]
             if loss.requires_grad and hidden is not None and hidden.requires_grad:
                 loss.register_hook(self._backward_started)

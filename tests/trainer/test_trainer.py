@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -320,3 +321,25 @@ def test_benchmarks_run_after_training_and_reach_the_logs_and_the_model_index(
     assert (result.dataset_name, result.metric_type, result.task_type) == ("gsm8k_test", "mean@2", "text-generation")
     assert result.metric_value == round(100 * summary["mean@2"], 2)
     assert "| gsm8k_test | 3 | 2 | 1.0 |" in card.text
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda c: (c / "tip_rng_state_0.pt").unlink(), r"lacks `tip_rng_state_0.pt`"),
+        (lambda c: shutil.rmtree(c / "tip_stats"), r"lacks `tip_stats/tracker.json`"),
+        (
+            lambda c: (c / "tip_stats" / "tracker.json").write_text('{"steps": [1,'),
+            r"tracker.json is not readable JSON",
+        ),
+    ],
+)
+def test_a_checkpoint_missing_tip_state_is_refused_before_training(tokenizer, tmp_path, damage, message):
+    settings = {"max_steps": 1, "token_selector": "random", "save_strategy": "steps", "save_steps": 1}
+    train_logs(make_trainer(tokenizer, tmp_path / "full", **settings))
+    checkpoint = tmp_path / "full" / "checkpoint-1"
+    damage(checkpoint)
+    resumed = make_trainer(tokenizer, tmp_path / "resumed", **{**settings, "max_steps": 2})
+    with pytest.raises(ValueError, match=message):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 0, "refused before any step"

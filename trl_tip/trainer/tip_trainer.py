@@ -29,11 +29,13 @@ from .problem_weighting import (
     weighted_by_problem,
 )
 from .publishing import PublishingMixin
+from .resume_checks import RNG_STATE_FILE, check_resumable, resolve_checkpoint
 from .rollouts import RolloutMixin, rollout_loss_mask
 from .run_folder import claim_output_dir
 from .scheduling import SELECTION_RATIO_KEY, ScheduleMixin
 from .selector_contract import KeptNothingWatch, selector_and_config
 from .self_teacher import (
+    EMA_STATE_FILE,
     SelfTeacherMixin,
     check_self_teacher,
     frozen_copy_source,
@@ -395,7 +397,13 @@ class TIPGKDTrainer(
             self.quadrant_tracker.save(os.path.join(output_dir, TIP_STATS_DIR))
 
     def train(self, *args, **kwargs):
-        claim_output_dir(self, args[0] if args else kwargs.get("resume_from_checkpoint"))  # refuse or clear a used one
+        resume_from_checkpoint = args[0] if args else kwargs.get("resume_from_checkpoint")
+        claim_output_dir(self, resume_from_checkpoint)  # refuse or clear a used one
+        checkpoint = resolve_checkpoint(self.args.output_dir, resume_from_checkpoint)
+        if checkpoint is not None:
+            rank = self.accelerator.process_index
+            ema_files = (EMA_STATE_FILE.format(rank="all"), EMA_STATE_FILE.format(rank=rank))
+            check_resumable(checkpoint, rank, self.args.teacher_model_kind == "ema", ema_files)
         output = super().train(*args, **kwargs)
         self.save_tip_stats(self.args.output_dir)
         return output
@@ -412,23 +420,21 @@ class TIPGKDTrainer(
         super()._save_rng_state(output_dir)
         state = {"selection": self._selection_generator.get_state(), "policy": self._policy_rng.getstate()}
         state["schedules"] = self._save_schedule_state(output_dir)
-        torch.save(state, os.path.join(output_dir, f"tip_rng_state_{self.accelerator.process_index}.pt"))
+        torch.save(state, os.path.join(output_dir, RNG_STATE_FILE.format(rank=self.accelerator.process_index)))
         self._save_self_teacher(output_dir)
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         super()._load_rng_state(checkpoint)
         if checkpoint is None:
             return
-        path = os.path.join(checkpoint, f"tip_rng_state_{self.accelerator.process_index}.pt")
-        if os.path.isfile(path):
-            state = torch.load(path, weights_only=False)
-            self._selection_generator.set_state(state["selection"])
-            self._policy_rng.setstate(state["policy"])
-            self._load_schedule_state(state.get("schedules"))
+        # `train` checked that the checkpoint holds all of this (`check_resumable`).
+        path = os.path.join(checkpoint, RNG_STATE_FILE.format(rank=self.accelerator.process_index))
+        state = torch.load(path, weights_only=False)  # our own file: generator states and Python's RNG tuple
+        self._selection_generator.set_state(state["selection"])
+        self._policy_rng.setstate(state["policy"])
+        self._load_schedule_state(state.get("schedules"))
         self._load_self_teacher(checkpoint)
-        stats_dir = os.path.join(checkpoint, TIP_STATS_DIR)
-        if os.path.isfile(os.path.join(stats_dir, "tracker.json")):
-            self.quadrant_tracker = QuadrantTracker.load(stats_dir)
+        self.quadrant_tracker = QuadrantTracker.load(os.path.join(checkpoint, TIP_STATS_DIR))
 
 
 def _resolve_args(args: TIPConfig | None, model) -> TIPConfig:
