@@ -28,7 +28,7 @@ from ..pair.scoring import answer_accuracy, greedy_rollouts, token_kls
 from ..pair.training import pair_config
 from ..trainer.privileged_context import teacher_prompt
 from ..trainer.run_folder import refuse_run_folder_as_parent
-from ..trainer.tip_config import TEACHER_MODEL_KINDS
+from ..trainer.tip_config import TEACHER_MODEL_KINDS, default_selection_ratio
 from ..utils.command_errors import usage_errors
 from ..utils.files import write_text_atomically
 
@@ -73,7 +73,7 @@ class DemoArguments(PairArguments):
                 f"got {self.teacher_model_kind!r}."
             )
         if self.ratio is None:
-            self.ratio = default_ratio(self.selector)
+            self.ratio = default_selection_ratio(self.selector)
         try:
             self.ratio = check_ratio("ratio", self.ratio)
         except ValueError:
@@ -91,13 +91,6 @@ class DemoArguments(PairArguments):
     @property
     def self_distillation(self) -> bool:
         return self.teacher_model_kind is not None
-
-
-def default_ratio(selector: str) -> float:
-    """The ratio `selector` runs with when --ratio is not given (TIPConfig's default for it)."""
-    from ..trainer.tip_config import _resolve_selection_ratio
-
-    return _resolve_selection_ratio(selector, None)
 
 
 def make_parser():
@@ -129,7 +122,7 @@ def reproduce_command(args: DemoArguments) -> str:
         value = getattr(args, name)
         if name in ("output_dir", "run_name", "overwrite") or value == getattr(defaults, name):
             continue
-        if name == "ratio" and value == default_ratio(args.selector):
+        if name == "ratio" and value == default_selection_ratio(args.selector):
             continue
         flags.append(f"--{name.replace('_', '-')} {without_local_path(value)}")
     return " ".join(["trl-tip demo", *flags])

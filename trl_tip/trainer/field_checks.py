@@ -28,7 +28,8 @@ def _check_number(config, name: str, low: float, low_closed: bool = True, high: 
         raise ValueError(f"`{name}` must be a finite number {bound}{upper}; got {value!r}.")
 
 
-def _check_positive_int(config, name: str, allow_none: bool = False) -> None:
+def check_positive_int(config, name: str, allow_none: bool = False) -> None:
+    """Raises ValueError unless the field `name` of `config` is a positive integer (or None with `allow_none`)."""
     value = getattr(config, name)
     if value is None and allow_none:
         return
@@ -60,8 +61,8 @@ def check_training_fields(config) -> None:
     if config.max_grad_norm is not None:
         _check_number(config, "max_grad_norm", 0.0)
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-        _check_positive_int(config, name)
-    _check_positive_int(config, "max_completion_length", allow_none=True)
+        check_positive_int(config, name)
+    check_positive_int(config, "max_completion_length", allow_none=True)
     max_steps = config.max_steps
     if not _is_int(max_steps) or (max_steps < 1 and max_steps != -1):
         raise ValueError(

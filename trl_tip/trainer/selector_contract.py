@@ -27,6 +27,7 @@ from .tip_config import (
     _check_no_field_in_selector_kwargs,
     _parse_thresholds,
     _resolve_selection_ratio,
+    default_selection_ratio,
 )
 
 
@@ -34,11 +35,6 @@ logger = logging.getLogger(__name__)
 
 # Streak lengths (micro-batches in a row that kept nothing) at which the warning is repeated.
 _KEPT_NOTHING_REPEATS = (1, 10, 100, 1000)
-
-
-def default_selection_ratio(token_selector: str) -> float:
-    """The ratio a selector name runs with when `selection_ratio` is unset."""
-    return _resolve_selection_ratio(token_selector, None)
 
 
 def given_selection_ratio(args) -> float | None:

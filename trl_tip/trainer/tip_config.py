@@ -6,7 +6,7 @@ import inspect
 import json
 import math
 import textwrap
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from trl import DistillationConfig
@@ -23,7 +23,7 @@ from ..core.schedules import (
 )
 from ..core.selectors import SELECTION_SCOPES, SELECTORS, QuadrantSelector, RatioSelector, build_selector
 from ..eval.grading import ANSWER_FORMATS
-from .field_checks import check_training_fields
+from .field_checks import check_positive_int, check_training_fields
 from .privileged_context import check_teacher_prompt_template
 
 
@@ -468,14 +468,8 @@ class TIPConfig(DistillationConfig):
         self.entropy_clip_quantile = check_quantile("entropy_clip_quantile", self.entropy_clip_quantile)
         self.divergence_clip_quantile = check_quantile("divergence_clip_quantile", self.divergence_clip_quantile)
         self.quadrant_thresholds = _parse_thresholds(self.quadrant_thresholds)
-        if not isinstance(self.log_quadrant_stats_every, int) or self.log_quadrant_stats_every < 1:
-            raise ValueError(
-                f"`log_quadrant_stats_every` must be a positive integer; got {self.log_quadrant_stats_every!r}."
-            )
-        if not isinstance(self.num_rollouts_per_prompt, int) or self.num_rollouts_per_prompt < 1:
-            raise ValueError(
-                f"`num_rollouts_per_prompt` must be a positive integer; got {self.num_rollouts_per_prompt!r}."
-            )
+        check_positive_int(self, "log_quadrant_stats_every")
+        check_positive_int(self, "num_rollouts_per_prompt")
         if self.num_rollouts_per_prompt > 1:
             check_rollouts_divide_generation_batch(
                 self.num_rollouts_per_prompt,
@@ -544,9 +538,7 @@ class TIPConfig(DistillationConfig):
                 )
         check_teacher_prompt_template(self.teacher_prompt_template)
         self.teacher_update_rate = check_ratio("teacher_update_rate", self.teacher_update_rate)
-        steps = self.teacher_sync_steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"`teacher_sync_steps` must be a positive integer; got {steps!r}.")
+        check_positive_int(self, "teacher_sync_steps")
         if self.remove_unused_columns:
             raise ValueError(
                 "A self teacher reads the dataset columns its `teacher_prompt_template` names, which "
@@ -614,7 +606,7 @@ def _type_text(spec) -> str:
 
 def _parameters_section() -> str:
     lines = ["    Parameters:"]
-    specs = fields_by_name()
+    specs = TIPConfig.__dataclass_fields__
     for title, names in FIELD_GROUPS.values():
         lines += [f"        > Parameters that control {title}", ""]
         for spec in (specs[name] for name in names):
@@ -675,12 +667,6 @@ def field_default(name: str):
     return TIPConfig.__dataclass_fields__[name].default
 
 
-def own_fields() -> list:
-    """`TIPConfig`'s own fields (not `DistillationConfig`'s), in field order."""
-    inherited = {f.name for f in fields(DistillationConfig)}
-    return [f for f in fields(TIPConfig) if f.name not in inherited]
-
-
 def fields_in_groups(*groups: str) -> tuple[str, ...]:
     """The names of `TIPConfig`'s fields in `groups` (keys of `FIELD_GROUPS`)."""
     return tuple(name for group in groups for name in FIELD_GROUPS[group][1])
@@ -690,7 +676,7 @@ def _mode_text(controller: str, values) -> str:
     """How to turn a mode on: '`selection_ratio_schedule="linear"` or `"cosine"`', or '`teacher_model_kind` set
     (`"base"`, `"live"` or `"ema"`)'."""
     if values is SET:
-        quoted = [f'`"{choice}"`' for choice in fields_by_name()[controller].metadata["choices"]]
+        quoted = [f'`"{choice}"`' for choice in TIPConfig.__dataclass_fields__[controller].metadata["choices"]]
         return f"`{controller}` set ({_or_list(quoted)})"
     return _or_list([f'`{controller}="{values[0]}"`', *(f'`"{v}"`' for v in values[1:])])
 
@@ -699,15 +685,11 @@ def _or_list(items: list[str]) -> str:
     return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} or {items[-1]}"
 
 
-def fields_by_name() -> dict:
-    return {f.name: f for f in fields(TIPConfig)}
-
-
 def _check_no_ignored_fields(config) -> None:
     """A field set away from its default in a mode that never reads it is refused, naming the mode that would (each
     field's `READ_ONLY_WITH` entry: the field that turns the mode on, and its values)."""
     for name, (controller, values) in READ_ONLY_WITH.items():
-        spec = fields_by_name()[name]
+        spec = TIPConfig.__dataclass_fields__[name]
         state = getattr(config, controller)
         active = state is not None if values is SET else state in values
         if not active and getattr(config, spec.name) != spec.default:
@@ -722,6 +704,11 @@ def _check_no_ignored_fields(config) -> None:
             'every generation batch. Put the value in the schedule (e.g. `beta_schedule="0:0.5"`) and leave `beta` '
             f"at its default ({field_default('beta')!r})."
         )
+
+
+def default_selection_ratio(token_selector: str) -> float:
+    """The ratio a selector name runs with when `selection_ratio` is unset."""
+    return _resolve_selection_ratio(token_selector, None)
 
 
 def _resolve_selection_ratio(token_selector: str, ratio: float | None) -> float:
